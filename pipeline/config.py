@@ -1,0 +1,321 @@
+"""One typed configuration shared by training, evaluation, figures, the study runner and benchmarks.
+
+A run is described by a YAML file with the sections below, then overridden on the command line with
+``--section.key value`` (lists as ``1,2,2``; booleans as ``true``/``false``; ``none`` for unset). Unknown
+keys and ill-typed or out-of-range values fail at start with a message naming the key and the closest
+valid ones. ``python pipeline/train.py --help`` prints every option with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MNIST = "data/mnist"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it and how to fix it."""
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """The U-Net's shape. Image channels, size and number of classes come from the data set."""
+
+    base_channels: int = _opt(64, "channels of the first level (the seed uses 64)")
+    channel_mult: tuple[int, ...] = _opt((1, 2, 2), "channel multiplier per resolution level")
+    layers_per_block: int = _opt(2, "residual blocks per resolution level")
+    attention_resolutions: tuple[int, ...] = _opt((7,), "feature-map sizes that get self-attention")
+    attention_heads: int = _opt(4, "heads of each self-attention block")
+    dropout: float = _opt(0.1, "dropout inside residual blocks")
+    conditioning: Literal["multiply", "add", "scale_shift"] = _opt(
+        "multiply", "how the class embedding c meets features h and time t: c*h+t, h+c+t, or AdaGN"
+    )
+    upsample: Literal["transposed", "nearest"] = _opt("transposed", "transposed conv (seed) or nearest+conv")
+    learned_variance: bool = _opt(False, "also predict the reverse variance (Improved DDPM hybrid loss)")
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process and training objective."""
+
+    schedule: Literal["linear", "cosine"] = _opt("linear", "beta schedule: DDPM linear or Nichol-Dhariwal cosine")
+    num_train_timesteps: int = _opt(1000, "T, the number of diffusion steps")
+    prediction_type: Literal["epsilon", "v_prediction"] = _opt("epsilon", "what the network predicts")
+    loss_weighting: Literal["none", "min_snr"] = _opt("none", "per-timestep loss weight (min-SNR-gamma)")
+    snr_gamma: float = _opt(5.0, "gamma of min-SNR weighting")
+    p_uncond: float = _opt(0.1, "probability a label is replaced by the null class (classifier-free guidance)")
+
+
+@dataclass
+class DataConfig:
+    """Which images to train on: a Hugging Face hub id or a local path."""
+
+    dataset: str = _opt(EMBEDDED_MNIST, "hub id (ylecun/mnist) or local path (Parquet dir, imagefolder, save_to_disk)")
+    split: str = _opt("train", "split to train on")
+    image_column: str | None = _opt(None, "image column (default: detected, e.g. image/img)")
+    label_column: str | None = _opt(None, "label column (default: detected ClassLabel, e.g. label)")
+    max_samples: int | None = _opt(None, "use only the first N rows (quick runs, tests)")
+    random_flip: bool = _opt(False, "random horizontal flips (CIFAR-10 yes, digits no)")
+
+
+@dataclass
+class SampleConfig:
+    """How samples are drawn for logging, evaluation and figures."""
+
+    sampler: str = _opt("dpmsolver++", "ddpm, ddim, dpmsolver++, unipc, euler or euler_a")
+    num_inference_steps: int = _opt(20, "denoising steps")
+    guidance_scale: float = _opt(2.0, "classifier-free guidance scale (1.0 = none)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, its outputs and stop conditions."""
+
+    output_dir: str = _opt("runs/default", "where checkpoints, tensorboard/ and pipeline/ go")
+    seed: int = _opt(0, "seed of initialisation, data order, noise and dropout")
+    batch_size: int = _opt(128, "GLOBAL batch (split over processes and accumulation steps)")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate (for the global batch; not rescaled by process count)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = _opt("constant", "shape after warmup")
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = _opt(1.0, "gradient clipping norm (none = off)")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps")
+    max_epochs: int | None = _opt(None, "stop after this many epochs")
+    max_minutes: float | None = _opt(None, "stop (with a checkpoint, exit 75) after this wall time")
+    mixed_precision: Literal["no", "bf16"] = _opt("no", "bf16 autocast with fp32 master weights and EMA")
+    ema_decay: float = _opt(0.9999, "EMA decay ceiling")
+    ema_warmup: bool = _opt(True, "EMA warmup (decay grows as 1-(1+step)^-power)")
+    ema_power: float = _opt(0.75, "EMA warmup power (2/3 for long runs, 3/4 for short)")
+    log_every: int = _opt(50, "steps between loss/lr/throughput logs")
+    sample_every: int | None = _opt(1000, "steps between EMA sample grids in TensorBoard (none = off)")
+    checkpoint_every: int | None = _opt(1000, "steps between checkpoints (one is always written at exit)")
+    keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep")
+    export_every: int | None = _opt(None, "steps between pipeline exports (one is always written at the end)")
+    compile: bool = _opt(False, "torch.compile the U-Net")
+    channels_last: bool = _opt(False, "channels_last memory format")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        data = _plain(self.to_dict())
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _section_types() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+def _close(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(near)}?" if near else f"valid: {', '.join(options)}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; {_close(str(value), [str(a) for a in args])}")
+        return value
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        items = [i for i in items if not (isinstance(i, str) and i.strip() == "")]
+        return tuple(_coerce(key, i, args[0]) for i in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        try:
+            number = hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        if isinstance(value, float) and hint is int and value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return number
+    if hint is str:
+        if value is None:
+            raise ConfigError(f"{key}: expected a string")
+        return str(value)
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    sections = _section_types()
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}; {_close(section, list(sections))}")
+    cls = sections[section]
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        dotted = [f"{section}.{k}" for k in hints]
+        raise ConfigError(f"unknown config key '{section}.{key}'; {_close(f'{section}.{key}', dotted)}")
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express."""
+    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    checks = [
+        (m.base_channels >= 4, "model.base_channels must be >= 4"),
+        (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be >= 1 each"),
+        (m.layers_per_block >= 1, "model.layers_per_block must be >= 1"),
+        (m.attention_heads >= 1, "model.attention_heads must be >= 1"),
+        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (d.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be >= 2"),
+        (0.0 <= d.p_uncond < 1.0, "diffusion.p_uncond must be in [0, 1)"),
+        (d.snr_gamma > 0, "diffusion.snr_gamma must be > 0"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
+        (t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs must be >= 1"),
+        (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0"),
+        (s.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
+        (s.guidance_scale >= 0, "sample.guidance_scale must be >= 0"),
+    ]
+    for every in ("sample_every", "checkpoint_every", "export_every"):
+        value = getattr(t, every)
+        checks.append((value is None or value >= 1, f"train.{every} must be >= 1 or none"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
+        raise ConfigError("no stop condition: set train.max_steps, train.max_epochs or train.max_minutes")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build a Config from defaults, then a YAML file, then overrides.
+
+    Args:
+        path: YAML file with any of the sections ``model``, ``diffusion``, ``data``, ``train``, ``sample``.
+        overrides: ``["--train.lr", "1e-4", "--data.max_samples=512"]`` or ``{"train.lr": 1e-4}``.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/mnist.yaml")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, section, key, value)
+    pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for dotted, value in pairs.items():
+        if "." not in dotted:
+            raise ConfigError(f"override {dotted!r} must be section.key, e.g. train.lr")
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, value)
+    return validate(cfg)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--train.lr", "1e-4", "--data.split=test"]`` -> ``{"train.lr": "1e-4", "data.split": "test"}``."""
+    pairs: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr 1e-4")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            i += 1
+            value = args[i]
+        else:
+            raise ConfigError(f"override {arg} needs a value, e.g. {arg} 1e-4")
+        pairs[name] = value
+        i += 1
+    return pairs
+
+
+def options_help() -> str:
+    """Every override with its type, default and meaning, for ``--help``."""
+    lines = []
+    for section, cls in _section_types().items():
+        lines.append(f"\n{section}: {cls.__doc__.strip()}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            kind = _type_name(hints[f.name])
+            lines.append(f"  --{section}.{f.name} {kind} (default {shown})\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        return "{" + "|".join(map(str, args)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return _type_name(next(a for a in args if a is not type(None))) + "|none"
+    if origin in (tuple, list):
+        return f"{args[0].__name__},..."
+    return getattr(hint, "__name__", str(hint))
+
+
+def resolve_dataset_path(dataset: str) -> str:
+    """A path relative to the working directory, else to the project root (the embedded MNIST), else a hub id."""
+    if Path(dataset).exists():
+        return dataset
+    in_project = PROJECT_ROOT / dataset
+    if in_project.exists():
+        return str(in_project)
+    return dataset

@@ -1,0 +1,3 @@
+from pipeline.models.unet import ConditionalUNet
+
+__all__ = ["ConditionalUNet"]

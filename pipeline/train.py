@@ -1,0 +1,61 @@
+"""Train a class-conditional DDPM.
+
+    accelerate launch pipeline/train.py --config configs/cifar10.yaml [--section.key value ...] [--resume latest]
+    python pipeline/train.py --config configs/quickstart-cpu.yaml
+
+Exit status: 0 when the step/epoch budget is done; 75 when stopped early (SIGUSR1/SIGTERM or
+train.max_minutes) with a checkpoint written, so a job script can requeue and resume; 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: make `import pipeline` find this package rather than its modules as top-level names.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pipeline.config import ConfigError, load_config, options_help  # noqa: E402
+
+USAGE = "usage: train.py [--config FILE.yaml] [--resume latest|CHECKPOINT_DIR] [--section.key value ...]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(__doc__ + "\n" + USAGE + "\n\nOptions (override any config value):" + options_help())
+        return 0
+    config_path = _pop(args, "--config")
+    resume = _pop(args, "--resume")
+    try:
+        cfg = load_config(config_path, args)
+    except ConfigError as error:
+        print(f"error: {error}\n{USAGE}\n(--help lists every option)", file=sys.stderr)
+        return 2
+    from pipeline.training import train  # heavy imports only after the arguments are known to be good
+
+    try:
+        return train(cfg, resume)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _pop(args: list[str], flag: str) -> str | None:
+    """Remove ``flag value`` or ``flag=value`` from ``args`` and return the value."""
+    for i, arg in enumerate(args):
+        if arg == flag:
+            if i + 1 >= len(args):
+                raise SystemExit(f"error: {flag} needs a value\n{USAGE}")
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del args[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

