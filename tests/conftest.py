@@ -1,0 +1,29 @@
+"""Shared test fixtures: the real data sets beside the checkout and small model settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+MNIST = SHARED_DATA / "mnist"
+CIFAR10 = SHARED_DATA / "cifar10"
+
+# A U-Net small enough for CPU tests: ~0.1 M parameters, two levels.
+TINY_MODEL = ["--model.base_channels", "16", "--model.channel_mult", "1,2", "--model.layers_per_block", "1",
+              "--model.attention_resolutions", "14", "--model.attention_heads", "2"]
+
+
+@pytest.fixture(scope="session")
+def mnist_path() -> Path:
+    assert (MNIST / "train.parquet").exists(), f"real MNIST expected at {MNIST} (see ../shared/data/README.md)"
+    return MNIST
+
+
+@pytest.fixture(scope="session")
+def cifar10_path() -> Path:
+    assert (CIFAR10 / "train.parquet").exists(), f"real CIFAR-10 expected at {CIFAR10}"
+    return CIFAR10
