@@ -1,18 +1,30 @@
-"""Class-conditional DDPM training and sampling on Hugging Face diffusers and Accelerate."""
+"""Class-conditional DDPM training and sampling on Hugging Face diffusers and Accelerate.
 
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.diffusion import SAMPLERS, make_sampler, make_train_scheduler
-from pipeline.models.unet import ConditionalUNet
-from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput
+Names are imported on first use, so the command-line tools can parse and reject arguments before the
+seconds it takes to import torch and diffusers.
+"""
 
-__all__ = [
-    "SAMPLERS",
-    "Config",
-    "ConfigError",
-    "ConditionalDiffusionPipeline",
-    "ConditionalPipelineOutput",
-    "ConditionalUNet",
-    "load_config",
-    "make_sampler",
-    "make_train_scheduler",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Config": "pipeline.config",
+    "ConfigError": "pipeline.config",
+    "load_config": "pipeline.config",
+    "SAMPLERS": "pipeline.diffusion",
+    "make_sampler": "pipeline.diffusion",
+    "make_train_scheduler": "pipeline.diffusion",
+    "ConditionalUNet": "pipeline.models.unet",
+    "ConditionalDiffusionPipeline": "pipeline.pipeline_conditional",
+    "ConditionalPipelineOutput": "pipeline.pipeline_conditional",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -139,13 +140,15 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         sample = sample * self.scheduler.init_noise_sigma
         keeps_variance = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        # UniPC and other deterministic schedulers take no generator
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         intermediates = []
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(sample, t)
             output = self.predict_noise(model_input, t, labels, guidance_scale)
             if not keeps_variance:
                 output = output[:, : config.in_channels]
-            step = self.scheduler.step(output, t, sample, generator=generator)
+            step = self.scheduler.step(output, t, sample, **step_kwargs)
             sample = step.prev_sample
             if return_intermediates:
                 predicted = getattr(step, "pred_original_sample", None)

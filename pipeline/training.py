@@ -194,6 +194,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
     loss_sum = torch.zeros((), device=accelerator.device)
+    steps_since_log = 0
     grad_norm = None
     started = last_log = time.time()
     images_at_log = progress.images_seen
@@ -219,13 +220,14 @@ def train(cfg: Config, resume: str | None = None) -> int:
             ema.step(raw_unet.parameters())
             progress.step += 1
             progress.images_seen += t.batch_size
+            steps_since_log += 1
             bar.update(1)
             step = progress.step
 
             if step % t.log_every == 0:
                 now = time.time()
                 logs = {
-                    "train/loss": accelerator.reduce(loss_sum, reduction="mean").item() / t.log_every,
+                    "train/loss": accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log,
                     "train/lr": lr_scheduler.get_last_lr()[0],
                     "train/images_per_s": (progress.images_seen - images_at_log) / max(now - last_log, 1e-9),
                     "train/epoch": progress.step / steps_per_epoch,
@@ -236,6 +238,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_s']:.0f}")
                 loss_sum.zero_()
+                steps_since_log = 0
                 last_log, images_at_log = now, progress.images_seen
 
             finished = max_steps is not None and step >= max_steps

@@ -1,0 +1,194 @@
+"""The training entry point end to end, as users run it: real processes, real MNIST, real checkpoints.
+
+One uninterrupted run per process count is shared by the resume, DDP-equivalence and output tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline import ConditionalDiffusionPipeline
+from pipeline.checkpointing import EXIT_STOPPED_EARLY, list_checkpoints
+from tests.conftest import MNIST, REPO, TINY_MODEL
+
+STEPS = 6
+COMMON = [*TINY_MODEL, "--data.dataset", str(MNIST), "--data.max_samples", "256", "--train.batch_size", "8",
+          "--train.log_every", "1", "--train.lr", "1e-3", "--train.warmup_steps", "2", "--model.dropout", "0",
+          "--train.checkpoint_every", "3", "--train.sample_every", "none", "--sample.num_inference_steps", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(output_dir: Path, *overrides: str, processes: int = 1) -> list[str]:
+    script = str(REPO / "pipeline" / "train.py")
+    args = ["--train.output_dir", str(output_dir), *COMMON, *overrides]
+    if processes == 1:
+        return [sys.executable, script, *args]
+    # `--cpu` would start one process only (accelerate's simple launcher); this starts `processes` gloo ranks
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), script, *args]
+
+
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_train(output_dir: Path, *overrides: str, processes: int = 1, expect: int = 0) -> str:
+    result = subprocess.run(train_command(output_dir, *overrides, processes=processes), capture_output=True, text=True,
+                            cwd=REPO, timeout=600, env=ENV)
+    log = result.stdout + result.stderr
+    assert result.returncode == expect, f"exit {result.returncode}, expected {expect}:\n{log[-4000:]}"
+    return log
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    events = EventAccumulator(str(output_dir / "tensorboard" / "train"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(list_checkpoints(output_dir)[-1] / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Uninterrupted STEPS-step runs with 1 and 2 processes (same global batch), the reference for the rest."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path_factory.mktemp(f"full{processes}")
+        log = run_train(out, "--train.max_steps", str(STEPS), "--train.sample_every", str(STEPS), processes=processes)
+        assert f"num_processes={processes} " in log
+        runs[processes] = out
+    return runs
+
+
+@pytest.mark.multiprocess
+def test_two_process_run_writes_events_checkpoint_and_sampling_pipeline(full_runs: dict[int, Path]) -> None:
+    out = full_runs[2]
+    events = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/epoch", "train/grad_norm"} <= set(tags["scalars"])
+    assert "samples" in tags["images"], tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
+    assert (out / "config.yaml").exists() and (out / "samples" / f"step_{STEPS:08d}.png").exists()
+
+    pipe = ConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
+    assert pipe.class_names == [str(i) for i in range(10)]
+    images = pipe(class_labels=[0, "9"], num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 28, 28, 1) and images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.multiprocess
+def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(full_runs: dict[int, Path]) -> None:
+    one, two = losses(full_runs[1]), losses(full_runs[2])
+    assert one.keys() == two.keys()
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-6), step
+    # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can flip the step's sign, so a few
+    # entries may differ by up to one step (lr); nearly all agree to fp32 round-off.
+    one_w, two_w = final_weights(full_runs[1]), final_weights(full_runs[2])
+    diffs = torch.cat([(one_w[k] - two_w[k]).abs().flatten() for k in one_w])
+    assert diffs.max() < 1e-3, diffs.max()
+    assert (diffs < 1e-5).float().mean() > 0.99
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(full_runs: dict[int, Path], tmp_path: Path, processes: int) -> None:
+    half = STEPS // 2
+    run_train(tmp_path, "--train.max_steps", str(half), processes=processes)
+    log = run_train(tmp_path, "--train.max_steps", str(STEPS), "--resume", "latest", processes=processes)
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{half:08d}'} at step {half}" in log
+    assert losses(tmp_path) == losses(full_runs[processes])
+    reference = final_weights(full_runs[processes])
+    resumed = final_weights(tmp_path)
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert load_file(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").keys() == \
+        load_file(full_runs[processes] / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").keys()
+
+
+def test_signal_stops_with_a_checkpoint_and_exit_75(tmp_path: Path) -> None:
+    process = subprocess.Popen(train_command(tmp_path, "--train.max_steps", "100000", "--train.checkpoint_every", "none"),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (tmp_path / "tensorboard").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # some steps in
+    process.send_signal(signal.SIGUSR1)
+    log, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED_EARLY, log[-3000:]
+    assert "stopping early at step" in log and "(SIGUSR1)" in log
+    stopped_at = int(log.split("stopping early at step ")[1].split()[0])
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{stopped_at:08d}"]
+
+
+def test_kill_9_during_checkpoint_write_leaves_the_previous_one(tmp_path: Path) -> None:
+    """SIGKILL while a checkpoint is being written; the previous complete one stays and `--resume latest` takes it."""
+    big = ["--model.base_channels", "64", "--model.channel_mult", "1,2,2", "--model.layers_per_block", "2",
+           "--model.attention_resolutions", "7", "--train.checkpoint_every", "2", "--train.max_steps", "40"]
+    process = subprocess.Popen(train_command(tmp_path, *big), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 240
+    killed_mid_write = False
+    while time.time() < deadline and process.poll() is None:
+        writing = list(checkpoints.glob(".tmp-step_*")) if checkpoints.exists() else []
+        if writing and list_checkpoints(tmp_path):  # a second checkpoint is being written
+            os.kill(process.pid, signal.SIGKILL)
+            killed_mid_write = True
+            break
+        time.sleep(0.005)
+    process.wait(timeout=30)
+    assert killed_mid_write, "never caught a checkpoint write in progress"
+    complete = list_checkpoints(tmp_path)
+    assert complete and list(checkpoints.glob(".tmp-step_*"))
+    latest_step = int(complete[-1].name.split("_")[1])
+    log = run_train(tmp_path, *big[:-1], str(latest_step + 2), "--resume", "latest")
+    assert f"resumed from {complete[-1]} at step {latest_step}" in log
+    assert not list(checkpoints.glob(".tmp-step_*")), "stale partial checkpoint not cleaned up"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--train.lrr", "1e-3"], "unknown config key 'train.lrr'; did you mean train.lr"),
+        (["--diffusion.schedule", "cosin"], "diffusion.schedule: 'cosin' is not allowed; did you mean cosine?"),
+        (["--train.batch_size", "eight"], "train.batch_size: expected int, got 'eight'"),
+        (["--data.dataset", "/nonexistent/mnist"], "data.dataset '/nonexistent/mnist' is neither a local path nor"),
+        (["--data.image_column", "label"], "data.image_column 'label' is not an image column"),
+        (["--model.channel_mult", "1,2,2,2"], "sample_size 28 cannot be halved 3 times"),
+        (["--train.batch_size", "1024"], "fewer than train.batch_size 1024"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(tmp_path: Path, overrides: list[str], message: str) -> None:
+    result = subprocess.run(train_command(tmp_path, "--train.max_steps", "1", *overrides), capture_output=True, text=True,
+                            cwd=REPO, timeout=300, env=ENV)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_global_batch_must_split_over_processes(tmp_path: Path) -> None:
+    result = subprocess.run(train_command(tmp_path, "--train.max_steps", "1", "--train.batch_size", "7", processes=2),
+                            capture_output=True, text=True, cwd=REPO, timeout=300, env=ENV)
+    assert result.returncode != 0
+    assert "train.batch_size 7 must be divisible by processes x accumulation steps = 2" in result.stderr
