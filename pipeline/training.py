@@ -9,6 +9,7 @@ So a run is a pure function of its config: a resumed run repeats an uninterrupte
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
         accelerator.backward(loss)
         return loss.detach()
 
-    bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
+    bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch log file gets a line every 30 s, not every step
     loss_sum = torch.zeros((), device=accelerator.device)
     steps_since_log = 0
     grad_norm = None
@@ -248,7 +250,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 log_samples(accelerator, ema, raw_unet, noise_scheduler, cfg, step, output_dir)
             if finished or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints)
-            if finished or (t.export_every and step % t.export_every == 0):
+            if finished or stop_now or (t.export_every and step % t.export_every == 0):
                 export(accelerator, ema, raw_unet, noise_scheduler, output_dir)
             if finished or stop_now:
                 done, stopped_early = True, not finished
