@@ -21,6 +21,15 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MNIST = "data/mnist"
 
+SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a"]
+# (sampler, schedule, prediction type) that pipeline.diffusion.check_sampler refuses (docs/samplers.md),
+# checked here too so a run fails at start, not at its first sample grid; tests keep the two in step.
+REFUSED_SAMPLERS = {
+    ("euler", "cosine", "epsilon"): "its first step multiplies the epsilon error by sigma_max ~2e4",
+    ("euler_a", "cosine", "epsilon"): "it returns NaN at some step counts (diffusers #14213)",
+    ("euler_a", "cosine", "v_prediction"): "it returns NaN at some step counts (diffusers #14213)",
+}
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and how to fix it."""
@@ -77,7 +86,7 @@ class DataConfig:
 class SampleConfig:
     """How samples are drawn for logging, evaluation and figures."""
 
-    sampler: str = _opt("dpmsolver++", "ddpm, ddim, dpmsolver++, unipc, euler or euler_a")
+    sampler: SamplerName = _opt("dpmsolver++", "inference scheduler (docs/samplers.md lists what works with what)")
     num_inference_steps: int = _opt(20, "denoising steps")
     guidance_scale: float = _opt(2.0, "classifier-free guidance scale (1.0 = none)")
 
@@ -173,6 +182,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint in (int, float):
+        if isinstance(value, bool):  # YAML true/false would silently become 1/0
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
         try:
             number = hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else value)
         except (TypeError, ValueError):
@@ -230,6 +241,11 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if reason := REFUSED_SAMPLERS.get((s.sampler, d.schedule, d.prediction_type)):
+        raise ConfigError(
+            f"sample.sampler {s.sampler} is refused with diffusion.schedule {d.schedule} and prediction_type "
+            f"{d.prediction_type}: {reason}; use dpmsolver++ (see docs/samplers.md)"
+        )
     if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
         raise ConfigError("no stop condition: set train.max_steps, train.max_epochs or train.max_minutes")
     return cfg

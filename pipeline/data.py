@@ -149,9 +149,3 @@ def _decode(ds: datasets.Dataset, column: str) -> np.ndarray:
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float() / 127.5 - 1.0
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image of (B, C, H, W) horizontally with probability 1/2, drawn from ``generator``."""
-    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
-    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)

@@ -2,7 +2,8 @@
 
 - ``make_train_scheduler``: the DDPM forward process (linear or cosine betas, T steps) saved with the model.
 - ``make_sampler`` / ``check_sampler``: any supported inference scheduler built from that config, with the
-  upstream pitfalls either fixed (DPM-Solver on cosine needs ``lambda_min_clipped``) or refused.
+  pitfalls either fixed (trailing spacing, x_0 clipping, ``lambda_min_clipped`` for DPM-Solver on cosine) or
+  refused with the fix named (docs/samplers.md has the matrix and the evidence).
 - ``diffusion_loss``: the seed's simple epsilon-MSE, v-prediction, min-SNR-gamma weighting, and the Improved
   DDPM hybrid loss (``L_simple + L_vlb``) when the model learns its variance.
 """
@@ -38,6 +39,9 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
 # DPM-Solver's log-SNR lambda must not reach the cosine schedule's clipped tail (diffusers docs, #3320).
 COSINE_LAMBDA_MIN_CLIPPED = -5.1
 
+# Options that re-space sigmas; on the cosine schedule they crash or misindex upstream (diffusers #12771).
+SIGMA_RESPACING = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+
 
 def make_train_scheduler(cfg: DiffusionConfig, learned_variance: bool = False) -> DDPMScheduler:
     """The forward process the model is trained on; also the pipeline's default (ancestral) sampler."""
@@ -47,44 +51,73 @@ def make_train_scheduler(cfg: DiffusionConfig, learned_variance: bool = False) -
         prediction_type=cfg.prediction_type,
         variance_type="learned_range" if learned_variance else "fixed_small",
         clip_sample=True,
+        # start sampling at t = T-1 whatever the step count; "leading" starts below it and, at 1 step, at t = 0
+        timestep_spacing="trailing",
     )
 
 
 def make_sampler(name: str, train_config: dict) -> SchedulerMixin:
-    """An inference scheduler ``name`` (see ``SAMPLERS``) on the training schedule ``train_config``."""
+    """An inference scheduler ``name`` (see ``SAMPLERS``) on the training schedule ``train_config``.
+
+    Every sampler starts at t = T-1 (``trailing`` spacing, Lin et al. 2023) and clips its x_0 prediction to
+    the data range where the scheduler can (DDPM/DDIM ``clip_sample`` from the training config, DPM-Solver++
+    and UniPC ``thresholding``). Combinations that stay broken are refused by ``check_sampler``;
+    docs/samplers.md has the evidence.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    kwargs: dict = {}
-    cosine = train_config.get("beta_schedule") == "squaredcos_cap_v2"
+    kwargs: dict = {"timestep_spacing": "trailing"}
+    if name in ("dpmsolver++", "unipc"):
+        kwargs.update(thresholding=True, sample_max_value=train_config.get("clip_sample_range", 1.0))
     if name == "dpmsolver++":
-        kwargs = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-        if cosine:
+        # the learned variance is DDPM's alone; DPM-Solver would otherwise slice the output to 3 channels
+        kwargs.update(algorithm_type="dpmsolver++", solver_order=2, variance_type=None)
+        if train_config.get("beta_schedule") == BETA_SCHEDULES["cosine"]:
             kwargs["lambda_min_clipped"] = COSINE_LAMBDA_MIN_CLIPPED
-    if name in ("euler", "euler_a", "dpmsolver++", "unipc", "ddim"):
-        kwargs["timestep_spacing"] = "trailing"  # start from t = T-1, not below it (Lin et al. 2023)
-    if name != "ddpm":
-        # the other samplers take only the mean prediction; a learned variance is DDPM's alone
-        kwargs["variance_type"] = None
     scheduler = SAMPLERS[name].from_config(train_config, **kwargs)
     check_sampler(scheduler)
     return scheduler
 
 
 def check_sampler(scheduler: SchedulerMixin) -> None:
-    """Refuse scheduler settings known to produce broken images upstream, naming the fix."""
+    """Refuse scheduler settings known to produce broken images, naming the fix (see docs/samplers.md)."""
     config = scheduler.config
-    cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
     name = type(scheduler).__name__
-    if cosine and config.get("use_karras_sigmas"):
+    if config.get("beta_schedule") != BETA_SCHEDULES["cosine"]:
+        return
+    if respaced := [option for option in SIGMA_RESPACING if config.get(option)]:
         raise ValueError(
-            f"{name} with use_karras_sigmas on the cosine schedule gives non-finite or washed-out images "
-            "(its sigma_max is ~1e3); set use_karras_sigmas=False or train on the linear schedule"
+            f"{name} with {respaced[0]}=True on the cosine schedule misindexes its timesteps (DPM-Solver, UniPC crash "
+            "at >= 5 steps, diffusers #12771) or starts at sigma_max ~2e4; drop that option or train on the linear schedule"
         )
-    if cosine and isinstance(scheduler, DPMSolverMultistepScheduler) and config.get("lambda_min_clipped", -math.inf) == -math.inf:
+    if isinstance(scheduler, EulerAncestralDiscreteScheduler):
         raise ValueError(
-            "DPMSolverMultistepScheduler on the cosine schedule needs lambda_min_clipped "
-            f"(e.g. {COSINE_LAMBDA_MIN_CLIPPED}); build it with pipeline.diffusion.make_sampler('dpmsolver++', ...)"
+            "EulerAncestralDiscreteScheduler on the cosine schedule returns NaN at some step counts (float32 "
+            "cancellation in sigma_down at sigma_max ~2e4, diffusers #14213); use 'ddpm' (also ancestral) or 'dpmsolver++'"
         )
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        if config.get("lambda_min_clipped", -math.inf) == -math.inf:
+            raise ValueError(
+                "DPMSolverMultistepScheduler on the cosine schedule needs lambda_min_clipped "
+                f"(e.g. {COSINE_LAMBDA_MIN_CLIPPED}); build it with pipeline.diffusion.make_sampler('dpmsolver++', ...)"
+            )
+        return  # lambda_min_clipped also keeps its first step away from sigma_max
+    if config.get("prediction_type") == "epsilon" and not _clips_x0(scheduler):
+        fix = (
+            "use 'ddpm', 'ddim', 'dpmsolver++' or 'unipc' (pipeline.diffusion.make_sampler), or train with v_prediction"
+            if isinstance(scheduler, EulerDiscreteScheduler)
+            else "set thresholding=True (or clip_sample=True), e.g. with pipeline.diffusion.make_sampler"
+        )
+        raise ValueError(
+            f"{name} without x_0 clipping on the cosine schedule with epsilon prediction multiplies the model's "
+            f"epsilon error by sigma_max ~2e4 in its first step (garbage images); {fix}"
+        )
+
+
+def _clips_x0(scheduler: SchedulerMixin) -> bool:
+    """Whether ``scheduler`` clips (or dynamically thresholds) its x_0 prediction to the data range."""
+    clip_sample = isinstance(scheduler, (DDPMScheduler, DDIMScheduler)) and scheduler.config.get("clip_sample")
+    return bool(clip_sample or scheduler.config.get("thresholding"))
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -137,32 +170,53 @@ def variational_bound(
     cfg: DiffusionConfig,
 ) -> torch.Tensor:
     """(B,) term L_t of the variational bound in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)),
-    and -log p(x_0|x_1) (discretised Gaussian) at t = 0. ``variance`` in [-1, 1] interpolates the log variance
-    between the posterior's and beta_t's, exactly as ``DDPMScheduler(variance_type="learned_range")`` samples."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(clean.device)
-    shape = (-1, 1, 1, 1)
-    alpha_bar = alphas_cumprod[timesteps].view(shape)
-    previous = alphas_cumprod[(timesteps - 1).clamp(min=0)]
-    alpha_bar_prev = torch.where(timesteps > 0, previous, torch.ones_like(previous)).view(shape)
+    and -log p(x_0|x_1) (discretised Gaussian) at t = 0, with the variance of ``model_log_variance``."""
+    alpha_bar, alpha_bar_prev = _alpha_bars(scheduler.alphas_cumprod.to(clean.device), timesteps)
     beta = 1 - alpha_bar / alpha_bar_prev
     coef_clean = beta * alpha_bar_prev.sqrt() / (1 - alpha_bar)
     coef_noisy = (1 - alpha_bar_prev) * (1 - beta).sqrt() / (1 - alpha_bar)
     posterior_mean = coef_clean * clean + coef_noisy * noisy
-    posterior_log_var = ((1 - alpha_bar_prev) / (1 - alpha_bar) * beta).clamp(min=1e-20).log()
+    posterior_log_var = _posterior_log_variance(scheduler, timesteps)
 
     if cfg.prediction_type == "epsilon":
         predicted_clean = (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
     else:
         predicted_clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
     model_mean = coef_clean * predicted_clean.clamp(-1, 1) + coef_noisy * noisy
-    frac = (variance + 1) / 2
-    model_log_var = frac * beta.log() + (1 - frac) * posterior_log_var
+    model_log_var = model_log_variance(variance, timesteps, scheduler)
 
     kl = 0.5 * (-1.0 + model_log_var - posterior_log_var + (posterior_log_var - model_log_var).exp()
                 + (posterior_mean - model_mean).pow(2) * (-model_log_var).exp())
     nll = -discretized_gaussian_log_likelihood(clean, model_mean, 0.5 * model_log_var)
-    per_pixel = torch.where(timesteps.view(shape) == 0, nll, kl)
+    per_pixel = torch.where(timesteps.view(-1, 1, 1, 1) == 0, nll, kl)
     return per_pixel.mean(dim=(1, 2, 3)) / math.log(2.0)
+
+
+def model_log_variance(variance: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+    """log of the reverse variance that the variance channels (B, C, H, W), nominally in [-1, 1], stand for.
+
+    They interpolate the log variance between the posterior's (-1) and beta_t's (+1), exactly as
+    ``DDPMScheduler(variance_type="learned_range")`` samples for t > 0. At t = 0, where the posterior variance
+    is 0 and the sampler adds no noise, the lower end is the posterior variance of t = 1, as in Improved DDPM
+    (``posterior_log_variance_clipped``): log(1e-20) there would leave the decoder term without a gradient.
+    """
+    alpha_bar, alpha_bar_prev = _alpha_bars(scheduler.alphas_cumprod.to(variance.device), timesteps)
+    frac = (variance + 1) / 2
+    return frac * (1 - alpha_bar / alpha_bar_prev).log() + (1 - frac) * _posterior_log_variance(scheduler, timesteps)
+
+
+def _posterior_log_variance(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1) log variance of q(x_{t-1} | x_t, x_0), with t = 0 given t = 1's (it is 0 there)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)
+    alpha_bar, alpha_bar_prev = _alpha_bars(alphas_cumprod, timesteps.clamp(min=1))
+    return ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).log()
+
+
+def _alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_bar_t, alpha_bar_{t-1}) as (B, 1, 1, 1), with alpha_bar_{-1} = 1."""
+    previous = alphas_cumprod[(timesteps - 1).clamp(min=0)]
+    alpha_bar_prev = torch.where(timesteps > 0, previous, torch.ones_like(previous))
+    return alphas_cumprod[timesteps].view(-1, 1, 1, 1), alpha_bar_prev.view(-1, 1, 1, 1)
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

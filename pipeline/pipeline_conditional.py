@@ -79,16 +79,44 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
         return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
 
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Raise ValueError unless this model can be sampled at ``guidance_scale``."""
+        if guidance_scale != 1.0 and self.unet.null_class is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a null class, but this model was trained without one "
+                "(diffusion.p_uncond = 0); use guidance_scale=1.0 or retrain with p_uncond > 0"
+            )
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+    def check_scheduler(self) -> None:
+        """Raise ValueError for a scheduler that is broken upstream or does not fit this model's output."""
+        check_sampler(self.scheduler)
+        variance_type = self.scheduler.config.get("variance_type")
+        if isinstance(self.scheduler, DDPMScheduler) and variance_type in ("learned", "learned_range"):
+            if not self.unet.config.learned_variance:
+                raise ValueError(
+                    f"the scheduler's variance_type={variance_type!r} needs a model trained with model.learned_variance=true; "
+                    "this one predicts no variance: use DDPMScheduler.from_config(config, variance_type='fixed_small')"
+                )
+            if variance_type == "learned":
+                raise ValueError(
+                    "the model's variance channels interpolate the log variance (Improved DDPM); "
+                    "use variance_type='learned_range', not 'learned'"
+                )
+
     def predict_noise(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """The guided model output at one step; cond and null share one batched forward.
+        """The guided model output at one step, in float32; cond and null share one batched forward.
 
         (B, C, H, W), scalar t, (B,) labels -> (B, C, H, W), or (B, 2C, H, W) with a learned variance
         (the variance channels taken from the conditional half, as in GLIDE).
         """
+        self.check_guidance(guidance_scale)
+        sample = sample.to(self.unet.dtype)
         if guidance_scale == 1.0:
-            return self.unet(sample, t, labels).sample
+            return self.unet(sample, t, labels).sample.float()
         null = torch.full_like(labels, self.unet.null_class)
-        output = self.unet(torch.cat([sample, sample]), t, torch.cat([labels, null])).sample
+        output = self.unet(torch.cat([sample, sample]), t, torch.cat([labels, null])).sample.float()
         cond, uncond = output.chunk(2)
         channels = sample.shape[1]
         guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
@@ -118,28 +146,24 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             return_intermediates: also return the predicted x_0 after every step.
         """
         labels = self.label_tensor(class_labels, num_images_per_label)
-        if guidance_scale != 1.0 and self.unet.null_class is None:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs a null class, but this model was trained without one "
-                "(diffusion.p_uncond = 0); use guidance_scale=1.0 or retrain with p_uncond > 0"
-            )
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        self.check_guidance(guidance_scale)
         if num_inference_steps is None:
             num_inference_steps = 1000 if isinstance(self.scheduler, DDPMScheduler) else 50
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type {output_type!r} unknown; use 'pil', 'np' or 'pt'")
-        check_sampler(self.scheduler)
+        self.check_scheduler()
 
         config = self.unet.config
         labels = labels.to(self.device)
         shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
-        sample = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        # the sampler's state stays float32 whatever the model's dtype; only the model input is cast
+        sample = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         sample = sample * self.scheduler.init_noise_sigma
-        keeps_variance = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        # only DDPMScheduler(variance_type="learned_range") reads the variance channels; the others get the mean's
+        keeps_variance = isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type == "learned_range"
         # UniPC and other deterministic schedulers take no generator
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         intermediates = []
@@ -152,11 +176,20 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             sample = step.prev_sample
             if return_intermediates:
                 predicted = getattr(step, "pred_original_sample", None)
-                intermediates.append(self._convert(predicted if predicted is not None else sample, output_type))
+                if predicted is None:  # DPM-Solver and UniPC do not return it
+                    predicted = self._predict_original(model_input, output[:, : config.in_channels], t)
+                intermediates.append(self._convert(predicted, output_type))
         images = self._convert(sample, output_type)
         if not return_dict:
             return (images,)
         return ConditionalPipelineOutput(images=images, class_labels=labels.cpu(), intermediates=intermediates or None)
+
+    def _predict_original(self, sample: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 from the (variance-preserving) model input and the epsilon or v prediction at integer step t."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(sample.device)[t.long()]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * output
+        return (sample - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
 
     def _convert(self, sample: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
         images = (sample.float() / 2 + 0.5).clamp(0, 1)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpointing import EXIT_STOPPED_EARLY, StopSignal, replace_dir, resolve_resume, save_checkpoint
 from pipeline.config import Config
-from pipeline.data import ImageData, ImageDataset, keep_batch, load_image_data, random_flip, to_model_range
+from pipeline.data import ImageData, ImageDataset, keep_batch, load_image_data, to_model_range
 from pipeline.diffusion import diffusion_loss, make_sampler, make_train_scheduler
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
@@ -84,8 +84,26 @@ def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
     )
 
 
-def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF)
+@dataclass
+class StepDraws:
+    """The random draws of one optimizer step for its whole global batch: noise (B, C, H, W), timesteps (B,),
+    label dropout (B,) and horizontal flips (B,), a function of (seed, step) alone."""
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    drop: torch.Tensor
+    flip: torch.Tensor
+
+    @classmethod
+    def draw(cls, seed: int, step: int, batch: int, image_shape: torch.Size, num_timesteps: int, p_uncond: float,
+             device: torch.device) -> StepDraws:
+        g = torch.Generator(device).manual_seed(hash((seed, step)) & 0x7FFF_FFFF_FFFF)
+        return cls(
+            noise=torch.randn((batch, *image_shape), generator=g, device=device),
+            timesteps=torch.randint(0, num_timesteps, (batch,), generator=g, device=device),
+            drop=torch.rand(batch, generator=g, device=device) < p_uncond,
+            flip=torch.rand(batch, generator=g, device=device) < 0.5,
+        )
 
 
 def export_pipeline(unet: ConditionalUNet, scheduler, output_dir: Path) -> Path:
@@ -171,16 +189,15 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     def train_step(images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
         """One micro-batch: noise the images at random timesteps, predict, backprop. Returns the loss."""
-        g = step_generator(t.seed, progress.step, micro, accelerator.device)
-        global_shape = (world * micro_batch, *images.shape[1:])
-        mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
-        noise = torch.randn(global_shape, generator=g, device=accelerator.device)[mine]
-        num_timesteps = noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (global_shape[0],), generator=g, device=accelerator.device)[mine]
-        drop = (torch.rand(global_shape[0], generator=g, device=accelerator.device) < cfg.diffusion.p_uncond)[mine]
+        # The whole optimizer step's randomness is drawn on every rank and sliced: micro-batch m of rank r holds
+        # global batch positions (m * world + r) * micro_batch..., as Accelerate deals batches round-robin.
+        draws = StepDraws.draw(t.seed, progress.step, t.batch_size, images.shape[1:], noise_scheduler.config.num_train_timesteps,
+                               cfg.diffusion.p_uncond, accelerator.device)
+        mine = slice((micro * world + rank) * micro_batch, (micro * world + rank + 1) * micro_batch)
+        noise, timesteps, drop, flip = draws.noise[mine], draws.timesteps[mine], draws.drop[mine], draws.flip[mine]
         clean = to_model_range(images)
         if cfg.data.random_flip:
-            clean = random_flip(clean, g)  # draws (micro_batch,) after the global draws above: same on resume
+            clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
         if raw_unet.null_class is not None:
             labels = torch.where(drop, raw_unet.null_class, labels)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)

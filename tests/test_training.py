@@ -96,18 +96,28 @@ def test_two_process_run_writes_events_checkpoint_and_sampling_pipeline(full_run
     assert images.shape == (2, 28, 28, 1) and images.min() >= 0 and images.max() <= 1
 
 
-@pytest.mark.multiprocess
-def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(full_runs: dict[int, Path]) -> None:
-    one, two = losses(full_runs[1]), losses(full_runs[2])
-    assert one.keys() == two.keys()
-    for step in one:
-        assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-6), step
+def assert_same_training(one: Path, two: Path) -> None:
+    """Same per-step losses and final weights up to fp32 reduction order."""
+    first, second = losses(one), losses(two)
+    assert first.keys() == second.keys()
+    for step in first:
+        assert first[step] == pytest.approx(second[step], rel=1e-4, abs=1e-6), step
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can flip the step's sign, so a few
     # entries may differ by up to one step (lr); nearly all agree to fp32 round-off.
-    one_w, two_w = final_weights(full_runs[1]), final_weights(full_runs[2])
+    one_w, two_w = final_weights(one), final_weights(two)
     diffs = torch.cat([(one_w[k] - two_w[k]).abs().flatten() for k in one_w])
     assert diffs.max() < 1e-3, diffs.max()
     assert (diffs < 1e-5).float().mean() > 0.99
+
+
+@pytest.mark.multiprocess
+def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(full_runs: dict[int, Path]) -> None:
+    assert_same_training(full_runs[1], full_runs[2])
+
+
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(full_runs: dict[int, Path], tmp_path: Path) -> None:
+    run_train(tmp_path, "--train.max_steps", str(STEPS), "--train.gradient_accumulation_steps", "2")
+    assert_same_training(full_runs[1], tmp_path)
 
 
 @pytest.mark.multiprocess

@@ -14,11 +14,12 @@ Saved with ``save_pretrained`` (``config.json`` + safetensors) plus ``metrics.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -167,18 +168,19 @@ def accuracy(classifier: ImageClassifier, data: ImageData, batch_size: int = 100
     return correct / len(data)
 
 
-def train_classifier(
-    data_cfg: DataConfig, out: str | Path, options: ClassifierTraining | None = None, device: str | None = None
-) -> dict[str, float]:
+def train_classifier(data_cfg: DataConfig, out: str | Path, device: str | None = None, **options: Any) -> dict[str, Any]:
     """Train on ``data_cfg`` (its split, default train), test on the ``test`` split, save to ``out``.
 
+    ``options`` override fields of ``ClassifierTraining``; the recipe is ``RECIPES[options["arch"]]``, by default
+    ``small_cnn`` for one-channel and ``resnet`` for three-channel images.
     Returns and writes ``out/metrics.json``: test accuracy, epochs, wall time, data set.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train_data = load_image_data(data_cfg)
     test_data = load_image_data(DataConfig(dataset=data_cfg.dataset, split="test", image_column=data_cfg.image_column,
                                            label_column=data_cfg.label_column))
-    options = options or RECIPES["small_cnn" if train_data.channels == 1 else "resnet"]
+    arch = options.get("arch") or ("small_cnn" if train_data.channels == 1 else "resnet")
+    options = dataclasses.replace(RECIPES[arch], **{k: v for k, v in options.items() if v is not None})
     torch.manual_seed(options.seed)
     pixels = train_data.images.float() / 255
     mean = pixels.mean(dim=(0, 2, 3)).tolist()
@@ -221,7 +223,7 @@ def train_classifier(
         "wall_s": round(time.time() - started, 1),
         "device": str(device),
         "dataset": data_cfg.dataset,
-        "options": options.__dict__,
+        "options": dataclasses.asdict(options),
     }
     out = Path(out)
     model.cpu().eval().save_pretrained(str(out))

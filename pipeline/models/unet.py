@@ -30,11 +30,11 @@ def _groups(channels: int) -> int:
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) timesteps -> (B, dim) sin/cos features, as in the Transformer and DDPM."""
+    """(B,) timesteps -> (B, dim) sin/cos features, as in the Transformer and DDPM (a zero column pads an odd dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    return F.pad(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1), (0, dim % 2))
 
 
 class ResidualBlock(nn.Module):

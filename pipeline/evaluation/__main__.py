@@ -1,0 +1,148 @@
+"""Evaluation command line.
+
+    python -m pipeline.evaluation classifier train --dataset ../shared/data/mnist --out data/classifiers/mnist
+    python -m pipeline.evaluation classifier test --classifier mnist --dataset ../shared/data/mnist
+    python -m pipeline.evaluation evaluate --pipeline runs/x/pipeline --per-class 100 --sampler dpmsolver++ \\
+        --steps 20 --guidance 2.0 --metrics accuracy,cfid,fid --out results.json
+    accelerate launch --num_processes 4 -m pipeline.evaluation evaluate ...   # sampling split over processes
+
+``evaluate`` takes its defaults from the run's ``config.yaml`` (next to ``pipeline/``, or ``--config``):
+the data set (``data.dataset``) and the sampler, steps and guidance scale (``sample.*``). Without
+``--pipeline`` it scores only the baselines (pure noise, real images): with ``--ref-split test --real-split
+train --metrics fid`` that is the train-vs-test FID sanity check. Exit status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError, DataConfig, SampleConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    classifier = commands.add_parser("classifier", help="train or test the project classifier of a data set")
+    actions = classifier.add_subparsers(dest="action", required=True)
+    train = actions.add_parser("train", help="train on the train split, report test accuracy, save")
+    train.add_argument("--dataset", required=True, help="path or hub id (../shared/data/mnist)")
+    train.add_argument("--out", required=True, help="output directory (data/classifiers/<name> to commit it)")
+    train.add_argument("--arch", choices=["small_cnn", "resnet"], help="default: small_cnn for 1 channel, resnet for 3")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--max-samples", type=int, help="train on the first N rows only (quick checks)")
+    train.add_argument("--device", help="default: cuda if available, else cpu")
+    test = actions.add_parser("test", help="test accuracy of a classifier")
+    test.add_argument("--classifier", default="mnist", help="committed name or directory")
+    test.add_argument("--dataset", required=True)
+    test.add_argument("--split", default="test")
+
+    ev = commands.add_parser("evaluate", help="sample a pipeline and score it (JSON + Markdown)")
+    ev.add_argument("--pipeline", help="exported pipeline directory (omit for the baselines alone)")
+    ev.add_argument("--config", help="a run's config.yaml (default: the one beside --pipeline, if any)")
+    ev.add_argument("--dataset", help="data set the model was trained on (default: the config's data.dataset)")
+    ev.add_argument("--per-class", type=int, default=100, help="samples per class (default 100)")
+    ev.add_argument("--sampler", help="ddpm, ddim, dpmsolver++, unipc, euler, euler_a (default: the config's)")
+    ev.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
+    ev.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
+    ev.add_argument("--metrics", default="accuracy,cfid", help="comma list of accuracy, cfid, fid, is (default accuracy,cfid)")
+    ev.add_argument("--classifier", help="committed name or directory (default: named like the data set)")
+    ev.add_argument("--ref-split", default="train", help="split the distances are measured against (default train)")
+    ev.add_argument("--ref-samples", default="10000", help="first N rows of the reference split, or 'all' (default 10000)")
+    ev.add_argument("--real-split", default="test", help="split of the 'real' baseline row (default test)")
+    ev.add_argument("--no-baselines", action="store_true", help="skip the pure-noise and real-data rows")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=250, help="images per sampling batch and process")
+    ev.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="bf16 autocast while sampling")
+    ev.add_argument("--out", help="write the result JSON here (and a .md table beside it)")
+    return parser
+
+
+def _classifier(args: argparse.Namespace) -> int:
+    from pipeline.data import load_image_data
+    from pipeline.evaluation.classifier import accuracy, load_classifier, train_classifier
+
+    if args.action == "test":
+        data = load_image_data(DataConfig(dataset=args.dataset, split=args.split))
+        print(f"{args.split} accuracy: {accuracy(load_classifier(args.classifier), data):.4f} on {len(data)} images")
+        return 0
+    metrics = train_classifier(DataConfig(dataset=args.dataset, max_samples=args.max_samples), args.out, args.device,
+                               arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and args.pipeline and (Path(args.pipeline).parent / "config.yaml").is_file():
+        path = Path(args.pipeline).parent / "config.yaml"
+    return load_config(path) if path else Config()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from pipeline.evaluation.metrics import Evaluator, evaluate, markdown_table, parse_metrics
+    from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+
+    cfg = _run_config(args)
+    dataset = args.dataset or cfg.data.dataset
+    sample = SampleConfig(
+        sampler=args.sampler or cfg.sample.sampler,
+        num_inference_steps=args.steps or cfg.sample.num_inference_steps,
+        guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
+    )
+    if args.per_class < 2:
+        raise ValueError("--per-class must be >= 2 (a covariance needs two samples per set)")
+    ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
+    state = PartialState()
+    pipe = None
+    if args.pipeline:
+        pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device)
+        pipe.set_progress_bar_config(disable=True)
+    evaluator = Evaluator(
+        dataset, parse_metrics(args.metrics), args.classifier, DataConfig(dataset=dataset, split=args.ref_split, max_samples=ref_samples),
+        device=state.device,
+    )
+    if pipe is not None and evaluator.classifier is not None and pipe.class_names != evaluator.classifier.config.class_names:
+        raise ValueError(f"the pipeline's classes {pipe.class_names} differ from the classifier's "
+                         f"{evaluator.classifier.config.class_names}; pass the matching --dataset/--classifier")
+    result = evaluate(pipe, evaluator, args.per_class, sample, args.seed, args.batch_size, args.mixed_precision,
+                      not args.no_baselines, args.real_split, state)
+    if not state.is_main_process:
+        return 0
+    result.update(pipeline=args.pipeline, processes=state.num_processes, device=str(state.device),
+                  hardware=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                  + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    table = markdown_table(result["rows"])
+    notes = "".join(f"\n{metric}: {reason}\n" for metric, reason in result["unavailable"].items())
+    print(table + notes)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(table + notes)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _classifier(args) if args.command == "classifier" else _evaluate(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

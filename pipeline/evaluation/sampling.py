@@ -1,0 +1,93 @@
+"""Generate a class-balanced sample set from an exported pipeline, in batches, over any number of processes.
+
+Batch b of the label list always uses the noise of ``seed`` and b, whichever process draws it, so the same
+command gives the same images with 1 process or with ``accelerate launch --num_processes 8``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from pipeline.config import SampleConfig
+from pipeline.diffusion import make_sampler
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+
+
+@dataclass
+class Samples:
+    """``images`` (N, C, H, W) uint8 (quantised as a saved PNG would be), ``labels`` (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def float(self) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1]."""
+        return self.images.float() / 255
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) float in [0, 1] -> uint8, rounded."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def with_sampler(pipe: ConditionalDiffusionPipeline, sampler: str) -> ConditionalDiffusionPipeline:
+    """A pipeline sharing ``pipe``'s U-Net with the inference scheduler ``sampler`` (``pipe`` is untouched)."""
+    sampling = ConditionalDiffusionPipeline(unet=pipe.unet, scheduler=make_sampler(sampler, dict(pipe.scheduler.config)))
+    sampling.set_progress_bar_config(disable=True)
+    return sampling
+
+
+def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """(num_classes * per_class,) = 0,0,..,1,1,..: ``per_class`` of each class, in class order."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+@torch.no_grad()
+def generate(
+    pipe: ConditionalDiffusionPipeline,
+    per_class: int,
+    sample: SampleConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    mixed_precision: Literal["no", "bf16"] = "no",
+    state: PartialState | None = None,
+) -> Samples:
+    """``per_class`` images of every class with ``sample``'s sampler, steps and guidance scale.
+
+    With ``state`` of several processes (``accelerate launch``), every process must call this: the batches
+    are dealt round-robin and gathered, so each returns the whole set. Without ``state`` this process draws
+    every batch alone (what a training loop's main process wants). A model trained without a null class is
+    sampled without guidance.
+    """
+    sample = sample or SampleConfig()
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    sampling = with_sampler(pipe, sample.sampler)
+    guidance = sample.guidance_scale if pipe.unet.null_class is not None else 1.0
+    labels = class_labels(pipe.unet.config.num_classes, per_class)
+    batches = list(torch.split(torch.arange(len(labels)), batch_size))
+    device = pipe.device
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else contextlib.nullcontext()
+    )
+    mine = []
+    for b in range(rank, len(batches), world):
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+        with autocast:
+            images = sampling(
+                class_labels=labels[batches[b]], guidance_scale=guidance, num_inference_steps=sample.num_inference_steps,
+                generator=generator, output_type="pt",
+            ).images
+        mine.append((b, to_uint8(images)))
+    if world > 1:
+        mine = gather_object(mine)
+    ordered = [images for _, images in sorted(mine, key=lambda item: item[0])]
+    return Samples(torch.cat(ordered), labels)
