@@ -115,6 +115,8 @@ class TrainConfig:
     ema_power: float = _opt(0.75, "EMA warmup power (2/3 for long runs, 3/4 for short)")
     log_every: int = _opt(50, "steps between loss/lr/throughput logs")
     sample_every: int | None = _opt(1000, "steps between EMA sample grids in TensorBoard (none = off)")
+    eval_every: int | None = _opt(None, "steps between small-N metrics (accuracy, classifier FID) in TensorBoard (none = off)")
+    eval_per_class: int = _opt(10, "samples per class for those metrics")
     checkpoint_every: int | None = _opt(1000, "steps between checkpoints (one is always written at exit)")
     keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep")
     export_every: int | None = _opt(None, "steps between pipeline exports (one is always written at the end)")
@@ -229,13 +231,14 @@ def validate(cfg: Config) -> Config:
         (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (t.eval_per_class >= 1, "train.eval_per_class must be >= 1"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs must be >= 1"),
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0"),
         (s.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
         (s.guidance_scale >= 0, "sample.guidance_scale must be >= 0"),
     ]
-    for every in ("sample_every", "checkpoint_every", "export_every"):
+    for every in ("sample_every", "eval_every", "checkpoint_every", "export_every"):
         value = getattr(t, every)
         checks.append((value is None or value >= 1, f"train.{every} must be >= 1 or none"))
     for ok, message in checks:

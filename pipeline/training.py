@@ -210,6 +210,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
         accelerator.backward(loss)
         return loss.detach()
 
+    evaluator = None
+    if t.eval_every and accelerator.is_main_process:
+        from pipeline.evaluation import Evaluator  # loads the data set's classifier; fails at start if there is none
+
+        evaluator = Evaluator(cfg.data.dataset, metrics=("accuracy", "cfid"), device=accelerator.device)
     bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch log file gets a line every 30 s, not every step
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -265,6 +270,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             stop_now = stop.agreed(accelerator, out_of_time)
             if t.sample_every and step % t.sample_every == 0:
                 log_samples(accelerator, ema, raw_unet, noise_scheduler, cfg, step, output_dir)
+            if t.eval_every and step % t.eval_every == 0:
+                log_metrics(accelerator, evaluator, ema, raw_unet, noise_scheduler, cfg, step)
             if finished or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints)
             if finished or stop_now or (t.export_every and step % t.export_every == 0):
@@ -311,4 +318,17 @@ def log_samples(
         accelerator.get_tracker("tensorboard").log_images({"samples": grid[None].numpy()}, step=step)
         (output_dir / "samples").mkdir(exist_ok=True)
         torchvision.utils.save_image(grid, output_dir / "samples" / f"step_{step:08d}.png")
+    accelerator.wait_for_everyone()
+
+
+
+@torch.no_grad()
+def log_metrics(accelerator: Accelerator, evaluator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config, step: int) -> None:
+    """Conditional accuracy and classifier-feature FID of the EMA model (``eval/*`` in TensorBoard)."""
+    if accelerator.is_main_process:
+        from pipeline.evaluation import evaluate_for_training
+
+        pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        accelerator.log(evaluate_for_training(pipe, evaluator, cfg.train.eval_per_class, cfg.sample, cfg.train.seed), step=step)
     accelerator.wait_for_everyone()

@@ -71,7 +71,8 @@ def full_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     runs = {}
     for processes in (1, 2):
         out = tmp_path_factory.mktemp(f"full{processes}")
-        log = run_train(out, "--train.max_steps", str(STEPS), "--train.sample_every", str(STEPS), processes=processes)
+        log = run_train(out, "--train.max_steps", str(STEPS), "--train.sample_every", str(STEPS), "--train.eval_every", str(STEPS),
+                        "--train.eval_per_class", "2", processes=processes)
         assert f"num_processes={processes} " in log
         runs[processes] = out
     return runs
@@ -83,7 +84,9 @@ def test_two_process_run_writes_events_checkpoint_and_sampling_pipeline(full_run
     events = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "train/images_per_s", "train/epoch", "train/grad_norm"} <= set(tags["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/epoch", "train/grad_norm", "eval/accuracy", "eval/cfid"} <= set(
+        tags["scalars"])
+    assert 0 <= events.Scalars("eval/accuracy")[0].value <= 1
     assert "samples" in tags["images"], tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
