@@ -8,6 +8,7 @@ So a run is a pure function of its config: a resumed run repeats an uninterrupte
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -179,6 +180,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
+        write_status(output_dir, "running", progress.step)
     accelerator.init_trackers("train")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     accelerator.print(
@@ -284,7 +286,17 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 break
     bar.close()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        write_status(output_dir, "stopped_early" if stopped_early else "finished", progress.step)
     return EXIT_STOPPED_EARLY if stopped_early else 0
+
+
+def write_status(output_dir: Path, status: str, step: int) -> None:
+    """``<output_dir>/status.json``: running, finished or stopped_early (resume to continue). Job scripts read it
+    because ``accelerate launch`` reports any non-zero worker exit, 75 included, as 1."""
+    tmp = output_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps({"status": status, "step": step}) + "\n")
+    os.replace(tmp, output_dir / "status.json")
 
 
 def ema_unet(ema: EMAModel, unet: ConditionalUNet) -> ConditionalUNet:

@@ -40,7 +40,11 @@ export MAIN_ADDR MAIN_PORT
 if [ "${CPU:-0}" != 1 ] && [ -z "${PROCS_PER_NODE:-}" ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then
   export PROCS_PER_NODE=${SLURM_GPUS_PER_NODE##*:}  # --gpus-per-node=a100:4 -> 4
 fi
-train=(--config "$CONFIG" ${OUTPUT_DIR:+--train.output_dir "$OUTPUT_DIR"} --resume latest "$@")
+overrides=(${OUTPUT_DIR:+--train.output_dir "$OUTPUT_DIR"} "$@")
+train=(--config "$CONFIG" --resume latest "${overrides[@]}")
+# The run directory as the trainer resolves it: its status.json tells "stopped early" apart from a crash.
+run_dir=$(python3 -c 'import sys; from pipeline.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).train.output_dir)' "$CONFIG" "${overrides[@]}" 2>/dev/null) || run_dir=""  # the trainer reports a bad config
 echo "[slurm] job $SLURM_JOB_ID start $restart on $SLURM_JOB_NODELIST ($NUM_NODES nodes), main $MAIN_ADDR:$MAIN_PORT; $(date -Is)"
 
 # Trainer and torchrun both handle SIGTERM (torchrun passes it on to its workers and waits); SIGUSR1
@@ -69,11 +73,12 @@ while :; do
 done
 
 # Exit 75 is the trainer's "stopped early, checkpoint saved" (e.g. train.max_minutes). It reaches us from
-# a single process only: torchrun turns every worker failure into 1, hence the remembered signal.
+# a single process only (torchrun turns every worker failure into 1), so the run's status.json says it too.
+stopped_early() { [ "$rc" -eq 75 ] || grep -q '"stopped_early"' "$run_dir/status.json" 2>/dev/null; }
 requeue=0
 if [ "$rc" -eq 0 ]; then
   echo "[slurm] training finished; $(date -Is)"
-elif [ "$signalled" = USR1 ] || { [ "$rc" -eq 75 ] && [ -z "$signalled" ]; }; then
+elif [ "$signalled" = USR1 ] || { [ -z "$signalled" ] && stopped_early; }; then
   requeue=1
   echo "[slurm] trainer exited $rc after its checkpoint: requeueing job $SLURM_JOB_ID; $(date -Is)"
 elif [ -n "$signalled" ]; then

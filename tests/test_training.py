@@ -5,6 +5,7 @@ One uninterrupted run per process count is shared by the resume, DDP-equivalence
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -91,6 +92,7 @@ def test_two_process_run_writes_events_checkpoint_and_sampling_pipeline(full_run
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
     assert (out / "config.yaml").exists() and (out / "samples" / f"step_{STEPS:08d}.png").exists()
+    assert json.loads((out / "status.json").read_text()) == {"status": "finished", "step": STEPS}
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.class_names == [str(i) for i in range(10)]
@@ -152,6 +154,7 @@ def test_signal_stops_with_a_checkpoint_and_exit_75(tmp_path: Path) -> None:
     assert "stopping early at step" in log and "(SIGUSR1)" in log
     stopped_at = int(log.split("stopping early at step ")[1].split()[0])
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{stopped_at:08d}"]
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "stopped_early", "step": stopped_at}
 
 
 def test_kill_9_during_checkpoint_write_leaves_the_previous_one(tmp_path: Path) -> None:
