@@ -46,7 +46,7 @@ def main() -> None:
         if code not in (0, 75):
             raise SystemExit(f"training failed with exit status {code}")
 
-    pipe = ConditionalDiffusionPipeline.from_pretrained(Path(args.output_dir) / "pipeline")
+    pipe = ConditionalDiffusionPipeline.from_pretrained(str(Path(args.output_dir) / "pipeline"))
     classifier = load_classifier("mnist")
     scales = sorted({float(g) for g in args.guidance.split(",")} | {cfg.sample.guidance_scale})
     rows = []

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, ConfigError, DataConfig, SampleConfig, load_config
+from pipeline.config import ConfigError, DataConfig, SampleConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,30 +80,24 @@ def _classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and args.pipeline and (Path(args.pipeline).parent / "config.yaml").is_file():
-        path = Path(args.pipeline).parent / "config.yaml"
-    return load_config(path) if path else Config()
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from pipeline.evaluation.metrics import Evaluator, evaluate, markdown_table, parse_metrics
+    from pipeline.evaluation.metrics import Evaluator, evaluate, hardware, markdown_table, parse_metrics
+    from pipeline.evaluation.sampling import saved_run_config
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
-    cfg = _run_config(args)
+    cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
     sample = SampleConfig(
         sampler=args.sampler or cfg.sample.sampler,
         num_inference_steps=args.steps or cfg.sample.num_inference_steps,
         guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
     )
-    if args.per_class < 2:
-        raise ValueError("--per-class must be >= 2 (a covariance needs two samples per set)")
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = None
     if args.pipeline:
         pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device)
@@ -120,9 +113,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                       not args.no_baselines, args.real_split, state)
     if not state.is_main_process:
         return 0
-    result.update(pipeline=args.pipeline, processes=state.num_processes, device=str(state.device),
-                  hardware=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-                  + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    result.update(pipeline=args.pipeline, processes=state.num_processes, device=str(state.device), hardware=hardware())
     table = markdown_table(result["rows"])
     notes = "".join(f"\n{metric}: {reason}\n" for metric, reason in result["unavailable"].items())
     print(table + notes)

@@ -11,6 +11,8 @@ test set) next to the model, and ``markdown_table`` renders the result.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -235,3 +237,14 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
     return str(value)
+
+
+def hardware() -> str:
+    """This machine in a few words, for the table's caption."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    threads = f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in os.environ else ""
+    return f"CPU {names[0] if names else platform.machine()}, {os.cpu_count()} cores{threads}, torch {torch.__version__}"

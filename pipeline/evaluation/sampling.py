@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from pipeline.config import SampleConfig
+from pipeline.config import Config, SampleConfig, load_config
 from pipeline.diffusion import make_sampler
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
@@ -29,10 +30,6 @@ class Samples:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def float(self) -> torch.Tensor:
-        """(N, C, H, W) float in [0, 1]."""
-        return self.images.float() / 255
-
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) float in [0, 1] -> uint8, rounded."""
@@ -44,6 +41,17 @@ def with_sampler(pipe: ConditionalDiffusionPipeline, sampler: str) -> Conditiona
     sampling = ConditionalDiffusionPipeline(unet=pipe.unet, scheduler=make_sampler(sampler, dict(pipe.scheduler.config)))
     sampling.set_progress_bar_config(disable=True)
     return sampling
+
+
+def usable_guidance(pipe: ConditionalDiffusionPipeline, scale: float) -> float:
+    """``scale``, or 1.0 (no guidance) for a model trained without a null class."""
+    return scale if pipe.unet.null_class is not None else 1.0
+
+
+def saved_run_config(pipeline_dir: str | Path | None, config: str | Path | None = None) -> Config:
+    """``config``, else the ``config.yaml`` a training run wrote beside ``pipeline_dir``, else the defaults."""
+    path = Path(config) if config else Path(pipeline_dir).parent / "config.yaml" if pipeline_dir else None
+    return load_config(path) if path is not None and (config or path.is_file()) else Config()
 
 
 def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -71,7 +79,7 @@ def generate(
     sample = sample or SampleConfig()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     sampling = with_sampler(pipe, sample.sampler)
-    guidance = sample.guidance_scale if pipe.unet.null_class is not None else 1.0
+    guidance = usable_guidance(pipe, sample.guidance_scale)
     labels = class_labels(pipe.unet.config.num_classes, per_class)
     batches = list(torch.split(torch.arange(len(labels)), batch_size))
     device = pipe.device

@@ -1,0 +1,239 @@
+"""The seed paper's figures as PNG files, from a trained pipeline, its TensorBoard logs, or the schedules alone.
+
+    python -m pipeline.figures forward --dataset data/mnist --out forward.png          # figures 6-7 + alpha_bar(t)
+    python -m pipeline.figures reverse --pipeline runs/x/pipeline --out reverse.png    # figures 8-9
+    python -m pipeline.figures grid --pipeline runs/x/pipeline --out grid.png          # figures 10-11
+    python -m pipeline.figures loss --run runs/x [--run runs/y ...] --out loss.png     # figure 12
+    python -m pipeline.figures guidance --pipeline runs/x/pipeline --scales 1,2,3,5 --out guidance.png
+    python -m pipeline.figures all --pipeline runs/x/pipeline --out-dir docs/figures/x # every one of them
+
+Sampling figures take ``--sampler``, ``--steps``, ``--guidance`` and ``--seed`` (defaults: the run's
+``config.yaml`` beside the pipeline, else ``SampleConfig``'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from pipeline.config import DataConfig, DiffusionConfig, SampleConfig  # noqa: E402
+from pipeline.diffusion import make_train_scheduler  # noqa: E402
+from pipeline.evaluation.sampling import saved_run_config, usable_guidance, with_sampler  # noqa: E402
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline  # noqa: E402
+
+FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 800, 999)
+
+
+def _tile(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """(N, C, H, W) float in [0, 1] -> (H', W', 3) grid for ``imshow``."""
+    grid = torchvision.utils.make_grid(images.float().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _save(fig: plt.Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _label_rows(ax: plt.Axes, names: Sequence[str], cell: int) -> None:
+    """Class names on the y axis of a grid whose rows are ``cell`` + 1 pixels apart."""
+    ax.set_yticks([1 + cell / 2 + i * (cell + 1) for i in range(len(names))], names)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+def class_examples(dataset: str, count: int = 3) -> torch.Tensor:
+    """The first test image of each of the first ``count`` classes of ``dataset``: (count, C, H, W) uint8."""
+    from pipeline.data import load_image_data
+
+    data = load_image_data(DataConfig(dataset=dataset, split="test", max_samples=200))
+    return torch.stack([data.images[data.labels == c][0] for c in range(min(count, len(data.class_names)))])
+
+
+def forward_noising(images: torch.Tensor, out: str | Path, timesteps: Sequence[int] = FORWARD_TIMESTEPS,
+                    num_train_timesteps: int = 1000, seed: int = 0) -> Path:
+    """Figures 6-7: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps of the same images and noise under the linear and
+    the cosine schedule, one strip per image and schedule, and the curves of a_t = alpha_bar(t).
+
+    Args:
+        images: (K, C, H, W) uint8 data images (one strip each).
+    """
+    clean = images.float() / 127.5 - 1
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    steps = torch.tensor(timesteps)
+    fig = plt.figure(figsize=(1.0 * len(timesteps) + 4, 1.1 * 2 * len(images) + 0.6))
+    grid = fig.add_gridspec(2, 2, width_ratios=[len(timesteps), 4], wspace=0.15)
+    curves = fig.add_subplot(grid[:, 1])
+    for row, schedule in enumerate(("linear", "cosine")):
+        scheduler = make_train_scheduler(DiffusionConfig(schedule=schedule, num_train_timesteps=num_train_timesteps))
+        strips = [scheduler.add_noise(x[None].expand(len(steps), -1, -1, -1), noise[i][None].expand(len(steps), -1, -1, -1), steps)
+                  for i, x in enumerate(clean)]
+        ax = fig.add_subplot(grid[row, 0])
+        ax.imshow(_tile((torch.cat(strips) + 1) / 2, nrow=len(steps)), cmap="gray")
+        cell = images.shape[-1] + 1
+        ax.set_xticks([1 + cell / 2 + i * cell for i in range(len(steps))], [str(t) for t in timesteps])
+        ax.set_yticks([])
+        ax.set_title(f"{schedule} schedule: x_t at t =", fontsize=10)
+        curves.plot(scheduler.alphas_cumprod.numpy(), label=schedule)
+    curves.set_xlabel("t")
+    curves.set_ylabel("alpha_bar(t)")
+    curves.set_title("signal kept, alpha_bar(t)")
+    curves.legend()
+    curves.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def reverse_process(pipe: ConditionalDiffusionPipeline, out: str | Path, sample: SampleConfig | None = None, seed: int = 0,
+                    columns: int = 8) -> Path:
+    """Figures 8-9: for one sample of each class, the model's prediction of x_0 at ``columns`` evenly spaced
+    steps of the reverse process (left: pure noise, right: the final image)."""
+    sample = sample or SampleConfig()
+    classes = list(range(pipe.unet.config.num_classes))
+    result = with_sampler(pipe, sample.sampler)(
+        class_labels=classes, guidance_scale=usable_guidance(pipe, sample.guidance_scale), num_inference_steps=sample.num_inference_steps,
+        generator=torch.Generator(pipe.device).manual_seed(seed), output_type="pt", return_intermediates=True,
+    )
+    steps = result.intermediates
+    picks = np.linspace(0, len(steps) - 1, min(columns, len(steps))).round().astype(int)
+    frames = torch.stack([steps[i] for i in picks], dim=1)  # (classes, columns, C, H, W)
+    fig, ax = plt.subplots(figsize=(1.0 * len(picks) + 1, 1.0 * len(classes)))
+    ax.imshow(_tile(frames.flatten(0, 1), nrow=len(picks)), cmap="gray")
+    _label_rows(ax, pipe.class_names, pipe.unet.config.sample_size)
+    ax.set_xlabel(f"predicted x_0 after step {', '.join(str(i + 1) for i in picks)} of {len(steps)} ({sample.sampler})")
+    ax.set_title(f"reverse process, guidance {usable_guidance(pipe, sample.guidance_scale)}")
+    return _save(fig, out)
+
+
+def _class_rows(pipe: ConditionalDiffusionPipeline, per_class: int, sample: SampleConfig, scale: float, seed: int) -> torch.Tensor:
+    """(classes * per_class, C, H, W) in [0, 1], ``per_class`` samples of every class in class order."""
+    return with_sampler(pipe, sample.sampler)(
+        class_labels=list(range(pipe.unet.config.num_classes)), num_images_per_label=per_class, guidance_scale=usable_guidance(pipe, scale),
+        num_inference_steps=sample.num_inference_steps, generator=torch.Generator(pipe.device).manual_seed(seed), output_type="pt",
+    ).images
+
+
+def class_grid(pipe: ConditionalDiffusionPipeline, out: str | Path, per_class: int = 10, sample: SampleConfig | None = None,
+               seed: int = 0, title: str | None = None) -> Path:
+    """Figures 10-11: one row per class (named), ``per_class`` samples each."""
+    sample = sample or SampleConfig()
+    images = _class_rows(pipe, per_class, sample, sample.guidance_scale, seed)
+    fig, ax = plt.subplots(figsize=(0.6 * per_class + 1, 0.6 * pipe.unet.config.num_classes + 0.5))
+    ax.imshow(_tile(images, nrow=per_class), cmap="gray")
+    _label_rows(ax, pipe.class_names, pipe.unet.config.sample_size)
+    settings = f"{sample.sampler}, {sample.num_inference_steps} steps, guidance {usable_guidance(pipe, sample.guidance_scale)}"
+    ax.set_title(f"{title}\n{settings}" if title else settings, fontsize=9)
+    return _save(fig, out)
+
+
+def guidance_sweep(pipe: ConditionalDiffusionPipeline, out: str | Path, scales: Sequence[float] = (1.0, 2.0, 3.0, 5.0),
+                   per_class: int = 4, sample: SampleConfig | None = None, seed: int = 0) -> Path:
+    """The same noise sampled at each classifier-free guidance scale: one panel per scale, one row per class."""
+    sample = sample or SampleConfig()
+    fig, axes = plt.subplots(1, len(scales), figsize=(0.6 * per_class * len(scales) + 1, 0.6 * pipe.unet.config.num_classes + 0.6))
+    for i, (ax, scale) in enumerate(zip(np.atleast_1d(axes), scales, strict=True)):
+        ax.imshow(_tile(_class_rows(pipe, per_class, sample, scale, seed), nrow=per_class), cmap="gray")
+        _label_rows(ax, pipe.class_names if i == 0 else [], pipe.unet.config.sample_size)
+        ax.set_title(f"s = {usable_guidance(pipe, scale)}")
+    fig.suptitle(f"classifier-free guidance sweep ({sample.sampler}, {sample.num_inference_steps} steps)")
+    return _save(fig, out)
+
+
+def read_scalars(run_dir: str | Path, tag: str = "train/loss") -> tuple[list[int], list[float]]:
+    """Steps and values of a scalar from every TensorBoard event file under ``run_dir`` (sorted by step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            points.update({e.step: e.value for e in accumulator.Scalars(tag)})
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def loss_curves(runs: Mapping[str, str | Path], out: str | Path, tag: str = "train/loss") -> Path:
+    """Figure 12: the training loss of each run (name -> run directory with ``tensorboard/``), log scale.
+    Runs without the scalar yet (fewer steps than ``train.log_every``) are drawn empty."""
+    curves = {name: read_scalars(run_dir, tag) for name, run_dir in runs.items()}
+    if not any(steps for steps, _ in curves.values()):
+        raise ValueError(f"no {tag!r} scalars under {', '.join(map(str, runs.values()))}; are they training output directories?")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(tag)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.figures", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("figure", choices=["forward", "reverse", "grid", "loss", "guidance", "all"])
+    parser.add_argument("--pipeline", help="exported pipeline directory")
+    parser.add_argument("--run", action="append", default=[], help="training output directory (loss; repeat to overlay)")
+    parser.add_argument("--dataset", help="data for the forward figure (default: the run's, else data/mnist)")
+    parser.add_argument("--out", help="PNG path (single figures)")
+    parser.add_argument("--out-dir", help="directory for 'all'")
+    parser.add_argument("--sampler")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--scales", default="1,2,3,5", help="guidance scales of the sweep")
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.figure == "all") != bool(args.out_dir) or (args.figure != "all" and not args.out):
+        parser.error("'all' takes --out-dir; every other figure takes --out")
+    needs_pipeline = args.figure in ("reverse", "grid", "guidance", "all")
+    if needs_pipeline and not args.pipeline:
+        parser.error(f"{args.figure} needs --pipeline")
+    cfg = saved_run_config(args.pipeline)
+    sample = SampleConfig(args.sampler or cfg.sample.sampler, args.steps or cfg.sample.num_inference_steps,
+                          cfg.sample.guidance_scale if args.guidance is None else args.guidance)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    path = (lambda name: out_dir / f"{name}.png") if out_dir else (lambda name: Path(args.out))
+    wanted = ["forward", "reverse", "grid", "guidance", "loss"] if args.figure == "all" else [args.figure]
+    pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline) if needs_pipeline else None
+    runs = args.run or ([str(Path(args.pipeline).parent)] if args.pipeline and args.figure == "all" else [])
+    try:
+        for name in wanted:
+            if name == "forward":
+                written = forward_noising(class_examples(args.dataset or cfg.data.dataset), path(name), seed=args.seed)
+            elif name == "reverse":
+                written = reverse_process(pipe, path(name), sample, args.seed)
+            elif name == "grid":
+                written = class_grid(pipe, path(name), args.per_class, sample, args.seed)
+            elif name == "guidance":
+                scales = [float(s) for s in args.scales.split(",")]
+                written = guidance_sweep(pipe, path(name), scales, min(args.per_class, 6), sample, args.seed)
+            else:
+                if not runs:
+                    parser.error("loss needs --run (a training output directory)")
+                written = loss_curves({Path(r).name: r for r in runs}, path(name))
+            print(f"wrote {written}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

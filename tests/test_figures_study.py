@@ -1,0 +1,117 @@
+"""Figures (PNG, non-empty, from a tiny trained run or the schedules alone) and the study runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import yaml
+
+from pipeline import figures, study
+from pipeline.config import ConfigError, SampleConfig
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from tests.conftest import TINY_MODEL
+from tests.test_evaluation import private_cache, tiny_run  # noqa: F401  (fixtures shared with the evaluation tests)
+
+FAST = SampleConfig(sampler="dpmsolver++", num_inference_steps=3, guidance_scale=2.0)
+
+
+def assert_picture(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
+    """A PNG of at least ``min_size`` pixels that is not one flat colour."""
+    assert path.is_file() and path.stat().st_size > 5_000
+    image = np.asarray(PIL.Image.open(path).convert("L"))
+    assert image.shape[1] >= min_size[0] and image.shape[0] >= min_size[1]
+    assert image.std() > 10
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run: Path) -> ConditionalDiffusionPipeline:  # noqa: F811
+    return ConditionalDiffusionPipeline.from_pretrained(str(tiny_run / "pipeline"))
+
+
+def test_forward_noising_from_the_schedules_alone(tmp_path: Path, mnist_path: Path) -> None:
+    assert figures.main(["forward", "--dataset", str(mnist_path), "--out", str(tmp_path / "forward.png")]) == 0
+    assert_picture(tmp_path / "forward.png", (800, 300))
+
+
+def test_sampling_figures(pipe: ConditionalDiffusionPipeline, tmp_path: Path) -> None:
+    assert_picture(figures.reverse_process(pipe, tmp_path / "reverse.png", FAST, columns=3))
+    assert_picture(figures.class_grid(pipe, tmp_path / "grid.png", per_class=3, sample=FAST))
+    assert_picture(figures.guidance_sweep(pipe, tmp_path / "guidance.png", scales=(1.0, 3.0), per_class=2, sample=FAST))
+
+
+def test_loss_curve_from_tensorboard(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    steps, values = figures.read_scalars(tiny_run, "train/loss")
+    assert steps == [2, 4, 6, 8, 10, 12] and all(v > 0 for v in values)
+    assert figures.main(["loss", "--run", str(tiny_run), "--out", str(tmp_path / "loss.png")]) == 0
+    assert_picture(tmp_path / "loss.png")
+    with pytest.raises(ValueError, match="no 'train/loss' scalars"):
+        figures.loss_curves({"empty": tmp_path}, tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "datasets"])
+def test_every_set_builds_valid_configs(name: str, tmp_path: Path) -> None:
+    study_set = study.load_set(name)
+    for run in study_set.runs:
+        cfg = study.run_config(study_set, run, seed=3, runs_dir=tmp_path)
+        assert cfg.train.max_steps == study_set.budget["steps"] and cfg.train.seed == 3
+        assert cfg.train.output_dir == str(tmp_path / f"{run}-s3")
+
+
+def test_overlays_change_one_thing() -> None:
+    mnist = study.load_set("mnist")
+    base = study.run_config(mnist, "baseline", 0, Path("r")).to_dict()
+    for run, (section, key, value) in {
+        "cosine": ("diffusion", "schedule", "cosine"),
+        "cond-scale-shift": ("model", "conditioning", "scale_shift"),
+        "no-attention": ("model", "attention_resolutions", ()),
+        "v-prediction": ("diffusion", "prediction_type", "v_prediction"),
+    }.items():
+        changed = study.run_config(mnist, run, 0, Path("r")).to_dict()
+        assert changed[section][key] == value != base[section][key]
+        differing = {(s, k) for s in base for k in base[s] if base[s][k] != changed[s][k] and k != "output_dir"}
+        assert differing == {(section, key)}
+    assert study.run_config(study.load_set("cifar10"), "wide", 0, Path("r")).model.base_channels == 128  # inline overlay
+
+
+def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="known sets: .*mnist"):
+        study.load_set("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "configs/experiments/mnist-cpu-base.yaml", "runs": {"x": ["cosine", "cosin"]}}))
+    with pytest.raises(ConfigError, match="overlay 'cosin' not found; known: .*cosine"):
+        study.load_set(str(bad))
+
+
+def test_study_end_to_end(tmp_path: Path, mnist_path: Path) -> None:
+    """One command: train a tiny run for 4 steps, evaluate, sweep guidance, write the table and figures."""
+    tiny = dict(zip([k[len("--model."):] for k in TINY_MODEL[::2]], TINY_MODEL[1::2], strict=True))
+    spec = {
+        "base": "configs/experiments/mnist-cpu-base.yaml",
+        "budget": {"steps": 4},
+        "seeds": [0],
+        "evaluate": {"per_class": 2, "metrics": ["accuracy", "cfid"], "ref_samples": 50},
+        "guidance_sweep": {"run": "baseline", "scales": [1.0, 3.0]},
+        "runs": {  # an inline overlay, then a named one
+            "baseline": [{"model": tiny, "data": {"dataset": str(mnist_path), "max_samples": 256},
+                          "train": {"log_every": 2, "warmup_steps": 1}, "sample": {"num_inference_steps": 2}}, "cosine"],
+        },
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    assert study.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    runs = [(row["run"], row.get("guidance")) for row in result["rows"]]
+    assert runs == [("baseline", 2.0), ("baseline", 1.0), ("baseline", 3.0), ("pure noise", None), ("real test set", None)]
+    model_rows = [row for row in result["rows"] if row.get("guidance")]
+    assert all(row["final_loss"] > 0 and row["train_s"] > 0 and 0 <= row["accuracy"] <= 1 for row in model_rows)
+    table = (out / "results.md").read_text()
+    assert "Budget: 4 steps per run" in table and "| baseline (s=3.0) |" in table
+    assert yaml.safe_load((tmp_path / "runs" / "baseline-s0" / "config.yaml").read_text())["diffusion"]["schedule"] == "cosine"
+    for name in ("loss", "samples-baseline-s0", "guidance", "reverse", "forward"):
+        assert_picture(out / f"{name}.png")
+    assert study.main([*argv, "--report-only"]) == 0  # re-tabulates without training
