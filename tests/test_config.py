@@ -1,0 +1,150 @@
+"""The typed configuration: YAML, command-line overrides, parsing of each type, and the errors for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, load_config, options_help, resolve_dataset_path
+
+STOP = {"train.max_steps": 10}
+
+
+def write_yaml(path: Path, content: Any) -> Path:
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "run.yaml", {
+        "model": {"base_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [14]},
+        "diffusion": {"schedule": "cosine", "prediction_type": "v_prediction"},
+        "train": {"lr": 1.0e-3, "max_steps": 100, "batch_size": 64},
+    })
+    cfg = load_config(path, ["--train.lr", "2e-4", "--model.channel_mult=1,2,2", "--model.attention_resolutions", "7",
+                             "--train.max_grad_norm", "none", "--data.max_samples=512", "--sample.sampler", "ddim"])
+    assert cfg.model.base_channels == 32 and cfg.model.channel_mult == (1, 2, 2) and cfg.model.attention_resolutions == (7,)
+    assert cfg.diffusion.schedule == "cosine" and cfg.diffusion.prediction_type == "v_prediction"
+    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float) and cfg.train.batch_size == 64
+    assert cfg.train.max_grad_norm is None and cfg.data.max_samples == 512 and cfg.sample.sampler == "ddim"
+    assert load_config(path, {"train.lr": 5e-4}).train.lr == 5e-4
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("model.learned_variance", "true", True),
+        ("model.learned_variance", "False", False),
+        ("model.learned_variance", "yes", True),
+        ("model.learned_variance", "0", False),
+        ("model.learned_variance", True, True),
+        ("model.channel_mult", "1, 2,4", (1, 2, 4)),
+        ("model.channel_mult", [1, 2], (1, 2)),
+        ("model.attention_resolutions", "", ()),
+        ("model.attention_resolutions", 7, (7,)),
+        ("train.max_grad_norm", "none", None),
+        ("train.max_grad_norm", None, None),
+        ("data.image_column", "null", None),
+        ("train.lr", "1e-3", 1e-3),
+        ("train.batch_size", 32.0, 32),
+        ("data.split", 2017, "2017"),
+    ],
+)
+def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: Any) -> None:
+    section, name = key.split(".")
+    parsed = getattr(getattr(load_config(overrides=STOP | {key: value}), section), name)
+    assert parsed == expected and type(parsed) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.lrr": 1}, r"unknown config key 'train.lrr'; did you mean train.lr"),
+        ({"trian.lr": 1}, r"unknown config section 'trian'; did you mean train"),
+        ({"lr": 1}, r"override 'lr' must be section.key, e.g. train.lr"),
+        ({"diffusion.schedule": "cosin"}, r"diffusion.schedule: 'cosin' is not allowed; did you mean cosine"),
+        ({"sample.sampler": "eulr"}, r"sample.sampler: 'eulr' is not allowed; did you mean euler, euler_a"),
+        ({"model.learned_variance": "maybe"}, r"model.learned_variance: expected true or false, got 'maybe'"),
+        ({"train.batch_size": "abc"}, r"train.batch_size: expected int, got 'abc'"),
+        ({"train.batch_size": 2.5}, r"train.batch_size: expected an integer, got 2.5"),
+        ({"train.batch_size": True}, r"train.batch_size: expected int, got True"),
+        ({"train.lr": "none"}, r"train.lr: expected float, got 'none'"),
+        ({"model.channel_mult": "1,x"}, r"model.channel_mult: expected int, got 'x'"),
+        ({"model.dropout": 1.0}, r"model.dropout must be in \[0, 1\)"),
+        ({"diffusion.p_uncond": 1.0}, r"diffusion.p_uncond must be in \[0, 1\)"),
+        ({"train.max_steps": 0}, r"train.max_steps must be >= 1"),
+        ({"train.max_steps": "none"}, r"no stop condition: set train.max_steps, train.max_epochs or train.max_minutes"),
+        ({"diffusion.schedule": "cosine", "sample.sampler": "euler"}, r"sample.sampler euler is refused .* use dpmsolver\+\+"),
+    ],
+    ids=["key", "section", "not-dotted", "literal", "sampler", "bool", "int", "float-for-int", "bool-for-int", "none",
+         "list-item", "dropout", "p_uncond", "max_steps", "no-stop", "refused-sampler"],
+)
+def test_bad_values_are_clear_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=STOP | overrides)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train.lr", "1e-4"], r"unexpected argument 'train.lr'; overrides look like --train.lr 1e-4"),
+        (["--train.lr"], r"override --train.lr needs a value"),
+        (["--train.lr", "--train.seed", "1"], r"override --train.lr needs a value"),
+    ],
+)
+def test_malformed_command_line_is_a_clear_error(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=args)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"not found; pass a YAML file"),
+        (["a", "list"], r"expected a mapping of sections, got list"),
+        ({"train": 5}, r"section 'train' must be a mapping of key: value"),
+        ({"train": {"max_step": 5}}, r"unknown config key 'train.max_step'; did you mean train.max_steps"),
+    ],
+    ids=["missing", "not-a-mapping", "section-not-a-mapping", "unknown-key"],
+)
+def test_bad_yaml_is_a_clear_error(tmp_path: Path, content: Any, message: str) -> None:
+    path = tmp_path / "run.yaml" if content is None else write_yaml(tmp_path / "run.yaml", content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_config_errors_are_value_errors() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(overrides=STOP | {"model.channel_mult": "1,2", "train.max_grad_norm": "none", "data.max_samples": 64})
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    assert isinstance(load_config(path), Config)
+
+
+def test_help_lists_every_option_with_its_default() -> None:
+    text = options_help()
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        for option in dataclasses.fields(getattr(cfg, section.name)):
+            assert f"--{section.name}.{option.name} " in text
+    assert "--model.channel_mult int,... (default 1,2,2)" in text
+    assert "--sample.sampler {ddpm|ddim|dpmsolver++|unipc|euler|euler_a}" in text
+
+
+def test_dataset_paths_resolve_against_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dataset_path("data/mnist") == str(PROJECT_ROOT / "data" / "mnist")
+    assert resolve_dataset_path("ylecun/mnist") == "ylecun/mnist"
+    (tmp_path / "mine").mkdir()
+    assert resolve_dataset_path("mine") == "mine"

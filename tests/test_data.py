@@ -1,0 +1,143 @@
+"""Loading images and labels: the real MNIST/CIFAR-10 Parquet copies, imagefolders, save_to_disk, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import PIL.Image
+import pytest
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data import ImageData, ImageDataset, keep_batch, load_image_data, to_model_range
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def image(size: tuple[int, int] = (8, 8), mode: str = "L", value: int = 0) -> PIL.Image.Image:
+    return PIL.Image.new(mode, size, color=value if mode == "L" else (value, 255 - value, 7))
+
+
+def saved_dataset(path: Path, images: list[PIL.Image.Image], columns: dict | None = None, features: dict | None = None) -> Path:
+    """A ``Dataset.save_to_disk`` directory with an ``image`` column and ``columns``."""
+    columns = {"label": [i % 2 for i in range(len(images))]} if columns is None else columns
+    features = {"label": datasets.ClassLabel(names=["even", "odd"])} if features is None else features
+    ds = datasets.Dataset.from_dict({"image": images, **columns}, features=datasets.Features({"image": datasets.Image(), **features}))
+    ds.save_to_disk(str(path))
+    return path
+
+
+# --- the real data sets (hub-format Parquet directories) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mnist_parquet(mnist_path: Path, split: str) -> None:
+    data = load_image_data(DataConfig(dataset=str(mnist_path), split=split, max_samples=64))
+    assert data.images.shape == (64, 1, 28, 28) and data.images.dtype == torch.uint8
+    assert data.labels.shape == (64,) and data.labels.dtype == torch.int64
+    assert data.class_names == [str(i) for i in range(10)] and (data.channels, data.size, len(data)) == (1, 28, 64)
+    assert 0 <= data.labels.min() and data.labels.max() <= 9 and data.images.max() == 255
+    if split == "train":
+        assert data.labels[:5].tolist() == [5, 0, 4, 1, 9]  # the original IDX order
+
+
+def test_cifar10_parquet(cifar10_path: Path) -> None:
+    data = load_image_data(DataConfig(dataset=str(cifar10_path), split="test", max_samples=16))
+    assert data.images.shape == (16, 3, 32, 32) and data.images.dtype == torch.uint8
+    assert data.class_names == CIFAR10_NAMES and data.labels.max() <= 9
+    assert data.images.float().std() > 10  # real photographs, not a constant
+
+
+def test_unknown_split_names_the_data_set(mnist_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data.split 'validation' not found in .*mnist"):
+        load_image_data(DataConfig(dataset=str(mnist_path), split="validation"))
+
+
+# --- local formats --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3)])
+def test_imagefolder(tmp_path: Path, mode: str, channels: int) -> None:
+    for name, value in (("cat", 10), ("dog", 200)):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            image(mode=mode, value=value + i).save(tmp_path / name / f"{i}.png")
+    data = load_image_data(DataConfig(dataset=str(tmp_path)))
+    assert data.images.shape == (6, channels, 8, 8) and data.class_names == ["cat", "dog"]
+    for label, img in zip(data.labels, data.images, strict=True):  # each image is in its folder's class
+        assert (img[0, 0, 0] < 100) == (label == 0)
+
+
+def test_save_to_disk_dataset(tmp_path: Path) -> None:
+    path = saved_dataset(tmp_path / "ds", [image(value=v) for v in (0, 50, 100, 255)])
+    data = load_image_data(DataConfig(dataset=str(path), max_samples=3))
+    assert data.images.shape == (3, 1, 8, 8) and data.labels.tolist() == [0, 1, 0] and data.class_names == ["even", "odd"]
+    assert data.images[:, 0, 0, 0].tolist() == [0, 50, 100]
+
+
+def test_save_to_disk_dataset_dict_picks_the_split(tmp_path: Path) -> None:
+    features = datasets.Features({"img": datasets.Image(), "digit": datasets.Value("int64")})
+    splits = {
+        name: datasets.Dataset.from_dict({"img": [image(mode="RGB", value=v) for v in values], "digit": [0, 3]}, features=features)
+        for name, values in (("train", (1, 2)), ("test", (3, 4)))
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path))
+    data = load_image_data(DataConfig(dataset=str(tmp_path), split="test", label_column="digit"))
+    assert data.images.shape == (2, 3, 8, 8) and data.images[:, 0, 0, 0].tolist() == [3, 4]
+    assert data.class_names == ["0", "1", "2", "3"]  # integer labels without ClassLabel names: 0..max
+    with pytest.raises(ValueError, match=r"split 'validation' not in .*; available: train, test"):
+        load_image_data(DataConfig(dataset=str(tmp_path), split="validation"))
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"image_column": "picture"}, r"data.image_column 'picture' not in the data set; columns: image, label, caption"),
+        ({"image_column": "caption"}, r"data.image_column 'caption' is not an image column .* image columns: image"),
+        ({"label_column": "digit"}, r"data.label_column 'digit' not in the data set; columns: image, label, caption"),
+        ({"label_column": "caption"}, r"label column 'caption' must hold class indices or be a ClassLabel"),
+    ],
+    ids=["missing-image-column", "non-image-column", "missing-label-column", "text-labels"],
+)
+def test_bad_columns_are_clear_errors(tmp_path: Path, config: dict, message: str) -> None:
+    images = [image(), image()]
+    path = saved_dataset(tmp_path / "ds", images, {"label": [0, 1], "caption": ["a", "b"]},
+                         {"label": datasets.ClassLabel(names=["a", "b"]), "caption": datasets.Value("string")})
+    with pytest.raises(ValueError, match=message):
+        load_image_data(DataConfig(dataset=str(path), **config))
+
+
+def test_no_label_column_is_a_clear_error(tmp_path: Path) -> None:
+    path = saved_dataset(tmp_path / "ds", [image(), image()], {"caption": ["a", "b"]}, {"caption": datasets.Value("string")})
+    with pytest.raises(ValueError, match=r"no label column found among image, caption; set data.label_column"):
+        load_image_data(DataConfig(dataset=str(path)))
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([image((8, 8)), image((9, 9))], r"images in 'image' differ in size or mode"),
+        ([image((8, 6)), image((8, 6))], r"images must be square, got 6x8"),
+    ],
+    ids=["mixed-sizes", "not-square"],
+)
+def test_images_that_cannot_stack_are_clear_errors(tmp_path: Path, images: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_image_data(DataConfig(dataset=str(saved_dataset(tmp_path / "ds", images))))
+
+
+# --- batches --------------------------------------------------------------------------------------------------
+
+
+def test_batches_are_one_gather_in_model_range() -> None:
+    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 2) * 85  # 0, 85, 170, 255
+    dataset = ImageDataset(ImageData(images.contiguous(), torch.tensor([0, 1, 2, 3]), ["a", "b", "c", "d"]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=keep_batch)
+    batch, labels = next(iter(loader))
+    assert batch.shape == (3, 1, 2, 2) and labels.tolist() == [0, 1, 2]
+    assert to_model_range(images)[:, 0, 0, 0].tolist() == [-1.0, pytest.approx(-1 / 3), pytest.approx(1 / 3), 1.0]
+

@@ -1,0 +1,265 @@
+"""ConditionalDiffusionPipeline: outputs, determinism, classifier-free guidance, labels, save/load, bad input."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pipeline.config import DiffusionConfig
+from pipeline.diffusion import SAMPLERS, make_sampler, make_train_scheduler
+from pipeline.models.unet import ConditionalUNet
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput
+from tests.factories import IMAGE_SHAPES, single_threaded, tiny_unet
+
+pytestmark = pytest.mark.usefixtures(single_threaded.__name__)
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STEPS = 4
+
+
+def make_pipe(unet: ConditionalUNet, learned_variance: bool = False) -> ConditionalDiffusionPipeline:
+    pipe = ConditionalDiffusionPipeline(unet=unet, scheduler=make_train_scheduler(DiffusionConfig(), learned_variance))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe() -> ConditionalDiffusionPipeline:
+    """MNIST-shaped, trained with label dropout (has a null class)."""
+    return make_pipe(tiny_unet())
+
+
+def sample(pipe: ConditionalDiffusionPipeline, seed: int = 0, **kwargs) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] from ``pipe`` at ``STEPS`` steps."""
+    kwargs = {"class_labels": [1, 7], "num_inference_steps": STEPS, "output_type": "pt"} | kwargs
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def public(config: dict) -> dict:
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+class ForwardSpy:
+    """Replaces ``unet.forward``, recording the labels of every call."""
+
+    def __init__(self, unet: ConditionalUNet, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.forward, self.labels = unet.forward, []
+        monkeypatch.setattr(unet, "forward", self)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, **kwargs: Any) -> Any:
+        self.labels.append(class_labels.clone())
+        return self.forward(sample, timestep, class_labels, **kwargs)
+
+
+# --- outputs --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", IMAGE_SHAPES)
+def test_output_types_and_shapes(dataset: str) -> None:
+    size, channels = IMAGE_SHAPES[dataset]
+    pipe = make_pipe(tiny_unet(size, channels))
+    out = pipe(class_labels=[0, 1], num_images_per_label=2, num_inference_steps=STEPS, output_type="np")
+    assert isinstance(out, ConditionalPipelineOutput)
+    assert out.images.shape == (4, size, size, channels) and out.images.dtype == np.float32
+    assert 0 <= out.images.min() and out.images.max() <= 1
+    assert out.class_labels.tolist() == [0, 0, 1, 1] and out.intermediates is None
+    images = sample(pipe, class_labels=3, output_type="pt")
+    assert images.shape == (1, channels, size, size) and images.dtype == torch.float32
+    (image,) = pipe(class_labels=3, num_inference_steps=STEPS, output_type="pil").images
+    assert isinstance(image, PIL.Image.Image) and image.size == (size, size) and image.mode == ("L", "RGB")[channels == 3]
+    (tupled,) = pipe(class_labels=3, num_inference_steps=STEPS, output_type="pt", return_dict=False)
+    assert tupled.shape == images.shape
+
+
+def test_deterministic_under_a_seed(pipe: ConditionalDiffusionPipeline) -> None:
+    first = sample(pipe, seed=1, guidance_scale=2.0)
+    assert torch.equal(first, sample(pipe, seed=1, guidance_scale=2.0))
+    assert not torch.equal(first, sample(pipe, seed=2, guidance_scale=2.0))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmsolver++"])
+def test_intermediates_are_the_predicted_x0_of_each_step(pipe: ConditionalDiffusionPipeline, sampler: str) -> None:
+    """DDPM returns x_0 from its step; DPM-Solver does not, and the pipeline computes it from the output."""
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    out = pipe(class_labels=[2], num_inference_steps=STEPS, output_type="pt", return_intermediates=True,
+               generator=torch.Generator().manual_seed(0))
+    assert len(out.intermediates) == STEPS and all(x.shape == (1, 1, 28, 28) for x in out.intermediates)
+    torch.testing.assert_close(out.intermediates[-1], out.images, atol=1e-4, rtol=0)  # the last step lands on x_0
+
+
+def test_ddim_re_derives_epsilon_from_the_clipped_x0(pipe: ConditionalDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With clip_sample and the raw epsilon, DDIM greys MNIST's background out (docs/samplers.md)."""
+    pipe.scheduler = make_sampler("ddim", pipe.scheduler.config)
+    assert pipe.scheduler.config.clip_sample
+    calls = []
+    step = pipe.scheduler.step
+
+    @functools.wraps(step)  # keeps the signature the pipeline inspects
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", spy)
+    sample(pipe)
+    assert len(calls) == STEPS and all(kwargs["use_clipped_model_output"] for kwargs in calls)
+
+
+def test_progress_bar(pipe: ConditionalDiffusionPipeline, capsys: pytest.CaptureFixture) -> None:
+    pipe.set_progress_bar_config(disable=False)
+    sample(pipe)
+    assert f"{STEPS}/{STEPS}" in capsys.readouterr().err
+
+
+def test_bf16_model_samples_in_float32(pipe: ConditionalDiffusionPipeline) -> None:
+    full = sample(pipe)
+    pipe.unet.to(torch.bfloat16)
+    half = sample(pipe)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - full).abs().mean() < 0.05
+
+
+def test_sampling_is_a_plain_scheduler_loop(pipe: ConditionalDiffusionPipeline) -> None:
+    """With guidance 1 the pipeline is the textbook loop over the conditional model alone."""
+    labels = torch.tensor([1, 7])
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(STEPS)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 28, 28, generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipe.unet(x, t, labels).sample, t, x, generator=generator).prev_sample
+    assert torch.equal(sample(pipe, class_labels=labels), (x / 2 + 0.5).clamp(0, 1))
+
+
+# --- classifier-free guidance ---------------------------------------------------------------------------------
+
+
+def test_guidance_one_is_the_conditional_model_alone(pipe: ConditionalDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor(500), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert torch.equal(pipe.predict_noise(x, t, labels, guidance_scale=1.0), pipe.unet(x, t, labels).sample)
+    spy = ForwardSpy(pipe.unet, monkeypatch)
+    sample(pipe, guidance_scale=1.0)
+    assert len(spy.labels) == STEPS
+    assert all(seen.tolist() == [1, 7] for seen in spy.labels)  # the null class is never evaluated
+
+
+@pytest.mark.parametrize("learned_variance", [False, True], ids=["mean", "learned_variance"])
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_guidance_formula_in_one_batched_forward(monkeypatch: pytest.MonkeyPatch, scale: float, learned_variance: bool) -> None:
+    """output = uncond + s * (cond - uncond); a learned variance comes from the conditional half."""
+    pipe = make_pipe(tiny_unet(learned_variance=learned_variance), learned_variance)
+    x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor(500), torch.tensor([1, 7])
+    with torch.no_grad():
+        cond = pipe.unet(x, t, labels).sample
+        uncond = pipe.unet(x, t, torch.full_like(labels, 10)).sample
+    spy = ForwardSpy(pipe.unet, monkeypatch)
+    with torch.no_grad():
+        guided = pipe.predict_noise(x, t, labels, guidance_scale=scale)
+    assert [seen.tolist() for seen in spy.labels] == [[1, 7, 10, 10]]
+    torch.testing.assert_close(guided[:, :1], uncond[:, :1] + scale * (cond[:, :1] - uncond[:, :1]))
+    torch.testing.assert_close(guided[:, 1:], cond[:, 1:])
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_learned_variance_model_with_any_sampler(sampler: str) -> None:
+    """DDPM reads the variance channels; the others, built straight from the saved config (which says
+    variance_type="learned_range"), get only the mean's C channels."""
+    pipe = make_pipe(tiny_unet(learned_variance=True), learned_variance=True)
+    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+    images = sample(pipe, guidance_scale=2.0)
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+
+
+# --- labels ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "given", "expected"),
+    [
+        (None, ["3", "7"], [3, 7]),
+        (None, [np.int64(3), "7"], [3, 7]),
+        (None, torch.tensor([3, 7]), [3, 7]),
+        (CIFAR10_NAMES, ["cat", "truck"], [3, 9]),
+        (CIFAR10_NAMES, ["cat", 9], [3, 9]),
+    ],
+    ids=["digit-names", "numpy-and-name", "tensor", "cifar-names", "mixed"],
+)
+def test_labels_as_names_ints_or_tensor(names: list[str] | None, given, expected: list[int]) -> None:
+    pipe = make_pipe(tiny_unet(class_names=names))
+    out = pipe(class_labels=given, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.class_labels.tolist() == expected
+    assert torch.equal(out.images, sample(pipe, class_labels=expected))
+
+
+def test_num_images_per_label_repeats_each_label(pipe: ConditionalDiffusionPipeline) -> None:
+    assert pipe.label_tensor([5, "2"], num_images_per_label=3).tolist() == [5, 5, 5, 2, 2, 2]
+
+
+# --- save / load ----------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    pipe = make_pipe(tiny_unet(32, 3, class_names=CIFAR10_NAMES, conditioning="scale_shift"))
+    pipe.save_pretrained(tmp_path)
+    loaded = ConditionalDiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.unet, ConditionalUNet) and type(loaded.scheduler) is type(pipe.scheduler)
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
+    assert loaded.class_names == CIFAR10_NAMES
+    for sampler in ("ddpm", "dpmsolver++"):
+        pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+        loaded.scheduler = make_sampler(sampler, loaded.scheduler.config)
+        kwargs = {"class_labels": ["cat", "ship"], "guidance_scale": 2.0}
+        assert torch.equal(sample(loaded, **kwargs), sample(pipe, **kwargs))
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"class_labels": 10}, r"class label 10 out of range; valid labels are 0\.\.9"),
+        ({"class_labels": [3, -1]}, r"class label -1 out of range; valid labels are 0\.\.9"),
+        ({"class_labels": ["3", "ten"]}, r"unknown class name 'ten'; valid names: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"),
+        ({"class_labels": []}, r"class_labels is empty"),
+        ({"class_labels": [1.5]}, r"class label 1\.5 must be an int in 0\.\.9"),
+        ({"class_labels": torch.tensor([1.0])}, r"class label 1\.0 must be an int in 0\.\.9"),
+        ({"class_labels": [True]}, r"class label True must be an int"),
+        ({"class_labels": 1, "num_images_per_label": 0}, r"num_images_per_label must be >= 1, got 0"),
+        ({"class_labels": 1, "num_inference_steps": 0}, r"num_inference_steps must be >= 1, got 0"),
+        ({"class_labels": 1, "num_inference_steps": 1001}, r"cannot be larger than"),
+        ({"class_labels": 1, "output_type": "latent"}, r"output_type 'latent' unknown; use 'pil', 'np' or 'pt'"),
+        ({"class_labels": 1, "guidance_scale": -1.0}, r"guidance_scale must be >= 0, got -1\.0"),
+    ],
+    ids=["label-high", "label-negative", "unknown-name", "empty", "float", "float-tensor", "bool", "per-label",
+         "steps", "too-many-steps", "output-type", "negative-guidance"],
+)
+def test_bad_input_is_a_clear_value_error(pipe: ConditionalDiffusionPipeline, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
+
+
+def test_guidance_without_a_null_class_is_refused() -> None:
+    pipe = make_pipe(tiny_unet(use_null_class=False))
+    sample(pipe, guidance_scale=1.0)  # the conditional model alone is fine
+    message = r"guidance_scale=2\.0 needs a null class, but this model was trained without one .* p_uncond > 0"
+    with pytest.raises(ValueError, match=message):
+        sample(pipe, guidance_scale=2.0)
+    with pytest.raises(ValueError, match=message):
+        pipe.predict_noise(torch.randn(1, 1, 28, 28), torch.tensor(5), torch.tensor([1]), guidance_scale=2.0)
+
+
+def test_learned_range_scheduler_needs_a_learned_variance_model(pipe: ConditionalDiffusionPipeline) -> None:
+    pipe.scheduler = make_train_scheduler(DiffusionConfig(), learned_variance=True)
+    with pytest.raises(ValueError, match=r"variance_type='learned_range' needs a model trained with model\.learned_variance=true"):
+        sample(pipe)
