@@ -189,12 +189,10 @@ def train(cfg: Config, resume: str | None = None) -> int:
         f"mixed_precision={t.mixed_precision}" + (f" SLURM_RESTART_COUNT={restarts}" if restarts else "")
     )
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+    def train_step(images: torch.Tensor, labels: torch.Tensor, micro: int, draws: StepDraws) -> torch.Tensor:
         """One micro-batch: noise the images at random timesteps, predict, backprop. Returns the loss."""
         # The whole optimizer step's randomness is drawn on every rank and sliced: micro-batch m of rank r holds
         # global batch positions (m * world + r) * micro_batch..., as Accelerate deals batches round-robin.
-        draws = StepDraws.draw(t.seed, progress.step, t.batch_size, images.shape[1:], noise_scheduler.config.num_train_timesteps,
-                               cfg.diffusion.p_uncond, accelerator.device)
         mine = slice((micro * world + rank) * micro_batch, (micro * world + rank + 1) * micro_batch)
         noise, timesteps, drop, flip = draws.noise[mine], draws.timesteps[mine], draws.drop[mine], draws.flip[mine]
         clean = to_model_range(images)
@@ -232,8 +230,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
         epoch_loader = accelerator.skip_first_batches(loader, step_in_epoch * t.gradient_accumulation_steps) if step_in_epoch else loader
         micro = 0
         for images, labels in epoch_loader:
+            if micro == 0:  # once per optimizer step, shared by its micro-batches
+                draws = StepDraws.draw(t.seed, progress.step, t.batch_size, images.shape[1:],
+                                       noise_scheduler.config.num_train_timesteps, cfg.diffusion.p_uncond, accelerator.device)
             with accelerator.accumulate(unet):
-                loss_sum += train_step(images, labels, micro) / t.gradient_accumulation_steps
+                loss_sum += train_step(images, labels, micro, draws) / t.gradient_accumulation_steps
                 if accelerator.sync_gradients and t.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
                 optimizer.step()
