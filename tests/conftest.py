@@ -27,3 +27,17 @@ def mnist_path() -> Path:
 def cifar10_path() -> Path:
     assert (CIFAR10 / "train.parquet").exists(), f"real CIFAR-10 expected at {CIFAR10}"
     return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Path:
+    """A tiny U-Net trained for 12 steps on real MNIST: its output directory (pipeline/, tensorboard/, config.yaml)."""
+    from pipeline.config import load_config
+    from pipeline.training import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(None, [*TINY_MODEL, "--data.dataset", str(mnist_path), "--data.max_samples", "256", "--train.batch_size", "16",
+                             "--train.max_steps", "12", "--train.log_every", "2", "--train.sample_every", "none",
+                             "--train.output_dir", str(out), "--sample.num_inference_steps", "3"])
+    assert train(cfg) == 0
+    return out

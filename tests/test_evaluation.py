@@ -11,13 +11,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline.config import DataConfig, load_config
+from pipeline.config import DataConfig
 from pipeline.data import load_image_data
 from pipeline.evaluation import FeatureStats, InceptionFeatures, conditional_accuracy, frechet_distance, inception_score, load_classifier
 from pipeline.evaluation.__main__ import main as evaluation_main
 from pipeline.evaluation.classifier import accuracy, train_classifier
 from pipeline.evaluation.fid import tf_bilinear_resize
-from tests.conftest import TINY_MODEL
 
 # TF-FID Inception pool_3 features of ``pattern_image()`` (docs/evaluation.md): the first five and the L2 norm.
 PATTERN_FEATURES_HEAD = [0.79541, 0.00143, 0.0, 0.36135, 0.16240]
@@ -48,19 +47,6 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def inception() -> InceptionFeatures:
     return InceptionFeatures()
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Path:
-    """A tiny U-Net trained for 12 steps on real MNIST: its output directory (pipeline/, tensorboard/, config.yaml)."""
-    from pipeline.training import train
-
-    out = tmp_path_factory.mktemp("tiny-run")
-    cfg = load_config(None, [*TINY_MODEL, "--data.dataset", str(mnist_path), "--data.max_samples", "256", "--train.batch_size", "16",
-                             "--train.max_steps", "12", "--train.log_every", "2", "--train.sample_every", "none",
-                             "--train.output_dir", str(out), "--sample.num_inference_steps", "3"])
-    assert train(cfg) == 0
-    return out
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square() -> None:

@@ -14,7 +14,7 @@ from pipeline import figures, study
 from pipeline.config import ConfigError, SampleConfig
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from tests.conftest import TINY_MODEL
-from tests.test_evaluation import private_cache, tiny_run  # noqa: F401  (fixtures shared with the evaluation tests)
+from tests.test_evaluation import private_cache  # noqa: F401  (the evaluation tests' autouse cache fixture)
 
 FAST = SampleConfig(sampler="dpmsolver++", num_inference_steps=3, guidance_scale=2.0)
 
@@ -28,7 +28,7 @@ def assert_picture(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_run: Path) -> ConditionalDiffusionPipeline:  # noqa: F811
+def pipe(tiny_run: Path) -> ConditionalDiffusionPipeline:
     return ConditionalDiffusionPipeline.from_pretrained(str(tiny_run / "pipeline"))
 
 

@@ -125,6 +125,14 @@ def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(full_runs:
     assert_same_training(full_runs[1], tmp_path)
 
 
+def test_compile_and_channels_last_train_on_cpu_like_eager(full_runs: dict[int, Path], tmp_path: Path) -> None:
+    run_train(tmp_path, "--train.max_steps", str(STEPS), "--train.compile", "true", "--train.channels_last", "true")
+    compiled, eager = losses(tmp_path), losses(full_runs[1])
+    assert compiled.keys() == eager.keys()
+    assert all(compiled[step] == pytest.approx(eager[step], rel=1e-3) for step in eager)  # fused kernels round differently
+    assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("processes", [1, 2])
 def test_resume_repeats_the_uninterrupted_run_bit_for_bit(full_runs: dict[int, Path], tmp_path: Path, processes: int) -> None:

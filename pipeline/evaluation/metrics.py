@@ -209,7 +209,12 @@ def evaluate(
 
 
 def evaluate_for_training(
-    pipe: ConditionalDiffusionPipeline, evaluator: Evaluator, per_class: int = 10, sample: SampleConfig | None = None, seed: int = 0
+    pipe: ConditionalDiffusionPipeline,
+    evaluator: Evaluator,
+    per_class: int = 10,
+    sample: SampleConfig | None = None,
+    seed: int = 0,
+    mixed_precision: Literal["no", "bf16"] = "no",
 ) -> dict[str, float]:
     """Small-N metrics for TensorBoard during training, e.g. ``{"eval/accuracy": 0.93, "eval/cfid": 4.1}``.
 
@@ -217,7 +222,7 @@ def evaluate_for_training(
     ``Evaluator(cfg.data.dataset, metrics=("accuracy", "cfid"))``. 10 per class with a small MNIST model
     and 20 steps takes a few seconds on a CPU.
     """
-    row = evaluator.score(generate(pipe, per_class, sample, seed))
+    row = evaluator.score(generate(pipe, per_class, sample, seed, mixed_precision=mixed_precision))
     return {f"eval/{key}": float(value) for key, value in row.items() if key in COLUMNS and value is not None}
 
 
