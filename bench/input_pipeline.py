@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from train_throughput import measure, ours  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data import load_image_data, to_model_range  # noqa: E402
+from pipeline.data import flip_where, load_image_data, to_model_range  # noqa: E402
 from pipeline.training import make_loader  # noqa: E402
 
 SHARED = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -46,7 +46,7 @@ def ours_rate(data, batch: int, count: int, flip: bool) -> float:
     def prepare(batch_):
         images = to_model_range(batch_[0])
         if flip:
-            images = torch.where(torch.rand(len(images))[:, None, None, None] < 0.5, images.flip(-1), images)
+            images = flip_where(images, torch.rand(len(images)) < 0.5)
         return images
 
     return images_per_s(make_loader(data, batch, seed=0, global_batch=batch), count, prepare)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 
 import torch
-from train_throughput import Levers, measure, ours
+from train_throughput import Levers, interleaved, measure, ours
 
 # name: (what the row changes, its options)
 LEVERS = {
@@ -67,12 +66,8 @@ def main() -> None:
         parser.error(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} shape={args.shape} batch={args.batch} "
           f"seconds={args.seconds} repeats={args.repeats}")
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for _ in range(args.repeats):
-        for name in names:
-            command = [sys.executable, __file__, "--one", name, "--shape", args.shape, "--batch", str(args.batch), "--seconds",
-                       str(args.seconds), "--device", args.device]
-            runs[name].append(json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1]))
+    runs = interleaved({name: [sys.executable, __file__, "--one", name, "--shape", args.shape, "--batch", str(args.batch), "--seconds",
+                               str(args.seconds), "--device", args.device] for name in names}, args.repeats)
     default = statistics.median(r["images_per_s"] for r in runs.get("default", runs[names[0]]))
     print("| lever | images/s (median) | vs default | warm-up s (2 steps, incl. compilation) |\n|---|---|---|---|")
     for name, results in runs.items():

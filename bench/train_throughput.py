@@ -47,21 +47,14 @@ def ours(shape: str, cfg_overrides: list[str]) -> torch.nn.Module:
     return build_unet(cfg, fake)
 
 
-def _levels(mine: torch.nn.Module) -> tuple[list[int], list[bool]]:
-    """Our U-Net's channel multipliers and, per level, whether it attends there."""
-    c = mine.config
-    sizes = [c.sample_size // 2**i for i in range(len(c.channel_mult))]
-    return list(c.channel_mult), [s in c.attention_resolutions for s in sizes]
-
-
 def diffusers_unet(mine: torch.nn.Module, width: int) -> torch.nn.Module:
     """diffusers' ``UNet2DModel`` laid out as ours: same multipliers, blocks per level, attention levels and heads,
     and dropout."""
     from diffusers import UNet2DModel
 
     c = mine.config
-    mults, attends = _levels(mine)
-    channels = [width * m for m in mults]
+    attends = [c.sample_size // 2**level in c.attention_resolutions for level in range(len(c.channel_mult))]
+    channels = [width * m for m in c.channel_mult]
     groups = next(g for g in range(32, 0, -1) if all(ch % g == 0 for ch in channels))
     heads_dim = next(ch for ch, a in zip(channels, attends, strict=True) if a) // c.attention_heads if any(attends) else None
     return UNet2DModel(
@@ -170,6 +163,16 @@ def flops_per_image(model: torch.nn.Module, shape: str) -> float:
     return counter.get_total_flops() / batch
 
 
+def interleaved(commands: dict[str, list[str]], repeats: int) -> dict[str, list[dict]]:
+    """Run each child command ``repeats`` times, in turn, so a slow spell of the machine hits every one; returns
+    each one's results (the JSON object on the last line it prints)."""
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            runs[name].append(json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1]))
+    return runs
+
+
 def one(args: argparse.Namespace) -> None:
     """Child process: build one model, measure it, print one JSON line."""
     device = torch.device(args.device)
@@ -205,12 +208,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):
-            runs: dict[str, list[dict]] = {m: [] for m in args.models.split(",")}
-            for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every model
-                for model, results in runs.items():
-                    command = [sys.executable, __file__, "--one", model, shape, precision, "--batch", str(args.batch), "--seconds",
-                               str(args.seconds), "--device", args.device, *[f"--override={o}" for o in args.override]]
-                    results.append(json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1]))
+            commands = {model: [sys.executable, __file__, "--one", model, shape, precision, "--batch", str(args.batch), "--seconds",
+                                str(args.seconds), "--device", args.device, *[f"--override={o}" for o in args.override]]
+                        for model in args.models.split(",")}
+            runs = interleaved(commands, args.repeats)
             rows = [{**r[0], "images_per_s": statistics.median(x["images_per_s"] for x in r), "peak_mib": max(x["peak_mib"] for x in r)}
                     for r in runs.values()]
             reference = next((r["images_per_s"] for r in rows if r["model"] == "diffusers UNet2DModel"), None)

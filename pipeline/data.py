@@ -149,3 +149,8 @@ def _decode(ds: datasets.Dataset, column: str) -> np.ndarray:
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float() / 127.5 - 1.0
+
+
+def flip_where(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images with those where the (B,) bool ``flip`` is set mirrored left-right."""
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

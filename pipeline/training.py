@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpointing import EXIT_STOPPED_EARLY, StopSignal, replace_dir, resolve_resume, save_checkpoint
 from pipeline.config import Config
-from pipeline.data import ImageData, ImageDataset, keep_batch, load_image_data, to_model_range
+from pipeline.data import ImageData, ImageDataset, flip_where, keep_batch, load_image_data, to_model_range
 from pipeline.diffusion import diffusion_loss, make_sampler, make_train_scheduler
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
@@ -205,7 +205,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         noise, timesteps, drop, flip = draws.noise[mine], draws.timesteps[mine], draws.drop[mine], draws.flip[mine]
         clean = to_model_range(images)
         if cfg.data.random_flip:
-            clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
+            clean = flip_where(clean, flip)
         if raw_unet.null_class is not None:
             labels = torch.where(drop, raw_unet.null_class, labels)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
@@ -327,9 +327,11 @@ def log_samples(
 ) -> None:
     """One row per class from the EMA model into TensorBoard (``samples``) and ``samples/step_N.png``."""
     if accelerator.is_main_process:
+        from pipeline.evaluation.sampling import usable_guidance
+
         pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=make_sampler(cfg.sample.sampler, scheduler.config))
         pipe.set_progress_bar_config(disable=True)
-        guidance = cfg.sample.guidance_scale if unet.null_class is not None else 1.0
+        guidance = usable_guidance(pipe, cfg.sample.guidance_scale)
         with accelerator.autocast():  # bf16 sampling is 2x faster on CPU at the same accuracy (docs/performance.md)
             images = pipe(
                 class_labels=list(range(unet.config.num_classes)), num_images_per_label=per_class, guidance_scale=guidance,
