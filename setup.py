@@ -4,7 +4,7 @@ setup(
     name="conditional-ddpm-pipeline",
     version="0.1.0",
     description="Class-conditional DDPM training and sampling on diffusers and Accelerate",
-    packages=find_packages(include=["pipeline", "pipeline.*"]),
+    packages=find_packages(include=["pipeline", "pipeline.*", "bench"]),
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",

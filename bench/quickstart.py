@@ -2,10 +2,14 @@
 
     python bench/quickstart.py                       # configs/quickstart-cpu.yaml as shipped
     python bench/quickstart.py --train.max_steps 500 # any override of the training config
+    python bench/quickstart.py --no-peer             # ours alone
 
 Trains exactly as the README does (a subprocess of ``pipeline/train.py``), then samples ``--per-class`` digits
 of every class from the exported EMA pipeline and reports the share the committed MNIST classifier
-(test accuracy 99.35 %) assigns to the requested class, for a few guidance scales.
+(test accuracy 99.35 %) assigns to the requested class, for a few guidance scales. Then, in the same run, the
+plain diffusers recipe (``bench/diffusers_recipe.py``: diffusers' ``UNet2DModel`` matched to our parameter count,
+trained as diffusers' ``train_unconditional.py`` trains) gets the same wall time on the same data and is scored
+the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.diffusers_recipe import peer_pipeline, train_peer  # noqa: E402
 from pipeline import ConditionalDiffusionPipeline, load_config  # noqa: E402
 from pipeline.evaluation import conditional_accuracy, load_classifier  # noqa: E402
 
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--guidance", default="1,2,3", help="guidance scales to report (the config's is always included)")
     parser.add_argument("--skip-training", action="store_true", help="evaluate an existing run in --output-dir")
+    parser.add_argument("--no-peer", action="store_true", help="skip the diffusers recipe")
     args, overrides = parser.parse_known_args()
     cfg = load_config(args.config, [*overrides, "--train.output_dir", args.output_dir])
 
@@ -46,25 +52,33 @@ def main() -> None:
         if code not in (0, 75):
             raise SystemExit(f"training failed with exit status {code}")
 
-    pipe = ConditionalDiffusionPipeline.from_pretrained(str(Path(args.output_dir) / "pipeline"))
+    pipes = {"ours": ConditionalDiffusionPipeline.from_pretrained(str(Path(args.output_dir) / "pipeline"))}
+    peer_dir = Path(args.output_dir + "-diffusers")
+    peer = None
+    if not args.no_peer:
+        if not args.skip_training:
+            peer = train_peer(cfg, peer_dir, minutes=train_s / 60)  # the same wall time as ours, start-up included
+        pipes["diffusers recipe"] = peer_pipeline(peer_dir)
     classifier = load_classifier("mnist")
     scales = sorted({float(g) for g in args.guidance.split(",")} | {cfg.sample.guidance_scale})
     rows = []
-    for scale in scales:
-        started = time.perf_counter()
-        accuracy = conditional_accuracy(pipe, classifier, per_class=args.per_class, sampler=cfg.sample.sampler,
-                                        steps=cfg.sample.num_inference_steps, guidance=scale, seed=0)
-        rows.append({"guidance_scale": scale, "accuracy": accuracy, "sample_s": time.perf_counter() - started})
+    for name, pipe in pipes.items():
+        for scale in scales:
+            started = time.perf_counter()
+            accuracy = conditional_accuracy(pipe, classifier, per_class=args.per_class, sampler=cfg.sample.sampler,
+                                            steps=cfg.sample.num_inference_steps, guidance=scale, seed=0)
+            rows.append({"model": name, "guidance_scale": scale, "accuracy": accuracy, "sample_s": time.perf_counter() - started})
 
     result = {
         "config": args.config, "overrides": overrides, "train_wall_s": train_s, "torch_threads": torch.get_num_threads(),
         "sampler": cfg.sample.sampler, "steps": cfg.sample.num_inference_steps, "per_class": args.per_class, "rows": rows,
+        "peer": peer,
     }
     print(json.dumps(result, indent=1))
     print(f"\nquickstart: training wall time {train_s / 60:.1f} min" if train_s else "\nquickstart (existing run)")
-    print("| guidance | conditional accuracy | sampling s |\n|---|---|---|")
+    print("| model | guidance | conditional accuracy | sampling s |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['guidance_scale']:g} | {row['accuracy']:.4f} | {row['sample_s']:.1f} |")
+        print(f"| {row['model']} | {row['guidance_scale']:g} | {row['accuracy']:.4f} | {row['sample_s']:.1f} |")
 
 
 if __name__ == "__main__":

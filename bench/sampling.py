@@ -9,6 +9,12 @@ conditional accuracy with its binomial standard error, and classifier-feature FI
 images). Guidance runs the conditional and unconditional halves in one batched forward, so it doubles the
 batch, not the number of model evaluations (NFE). The first row is the peer every other row is measured
 against: DDPM's ancestral sampler at its 1,000 training steps.
+
+The ``vs floor`` column compares each row's time per image with the model-forward floor: its number of model
+evaluations times the time of one batched forward of the U-Net (both guidance halves, the same precision and
+chunk), so it shows what the sampler, scheduler and pipeline add on top of the network itself.
+``--chunks 10,25,50,100`` instead times one sampler at several chunk sizes and precisions against that floor
+(how ``pipeline.evaluation.sampling.sampling_batch`` and ``sampling_precision`` were chosen).
 """
 
 from __future__ import annotations
@@ -29,10 +35,45 @@ from pipeline import ConditionalDiffusionPipeline  # noqa: E402
 from pipeline.config import SampleConfig  # noqa: E402
 from pipeline.evaluation import Evaluator  # noqa: E402
 from pipeline.evaluation.metrics import hardware  # noqa: E402
-from pipeline.evaluation.sampling import generate, saved_run_config  # noqa: E402
+from pipeline.evaluation.sampling import generate, sampling_batch, sampling_precision, saved_run_config  # noqa: E402
 
 # (sampler, steps): the peer first, then the fast samplers the issue compares
 SCHEDULES = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20), ("dpmsolver++", 10), ("unipc", 10)]
+
+
+def forward_floor(pipe: ConditionalDiffusionPipeline, chunk: int, guidance: float, precision: str, repeats: int = 5) -> float:
+    """Seconds per image of one model evaluation: the median time of a forward of ``chunk`` images (twice that
+    batch with guidance, as the pipeline runs both halves in one forward), divided by ``chunk``."""
+    config = pipe.unet.config
+    batch = chunk * (2 if guidance != 1.0 else 1)
+    x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, device=pipe.device)
+    t = torch.full((), 500, device=pipe.device)
+    labels = torch.zeros(batch, dtype=torch.long, device=pipe.device)
+    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=sampling_precision(precision, pipe.device) == "bf16")
+    times = []
+    with torch.no_grad(), autocast:
+        for _ in range(repeats + 1):  # the first call warms up
+            started = time.perf_counter()
+            pipe.unet(x, t, labels)
+            times.append(time.perf_counter() - started)
+    return sorted(times[1:])[repeats // 2] / chunk
+
+
+def chunk_sweep(pipe: ConditionalDiffusionPipeline, args: argparse.Namespace) -> None:
+    """Time per image of one sampler against the forward floor, per chunk size and precision."""
+    sampler, steps = args.schedules.split(",")[0].split(":")
+    guidance = float(args.guidance.split(",")[-1])
+    per_class = args.per_class
+    print("| sampler | steps | guidance | precision | chunk | s / image | floor s / image | vs floor |\n|---|---|---|---|---|---|---|---|")
+    for precision in args.precisions.split(","):
+        for chunk in (int(c) for c in args.chunks.split(",")):
+            sample = SampleConfig(sampler=sampler, num_inference_steps=int(steps), guidance_scale=guidance)
+            started = time.perf_counter()
+            samples = generate(pipe, per_class, sample, batch_size=chunk, mixed_precision=precision)
+            per_image = (time.perf_counter() - started) / len(samples)
+            floor = forward_floor(pipe, chunk, guidance, precision) * int(steps)  # one model evaluation per step
+            print(f"| {sampler} | {steps} | {guidance:g} | {precision} | {chunk} | {per_image:.4f} | {floor:.4f} | "
+                  f"{per_image / floor:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -41,35 +82,42 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--guidance", default="1,3", help="guidance scales (1 = conditional model only)")
     parser.add_argument("--schedules", default=",".join(f"{s}:{n}" for s, n in SCHEDULES), help="sampler:steps,...")
-    parser.add_argument("--precisions", default="bf16", help="no (fp32) and/or bf16 (autocast)")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--precisions", default="auto", help="auto, no (fp32) and/or bf16 (autocast)")
+    parser.add_argument("--batch-size", type=int, help="images per chunk (default: the device's, sampling_batch)")
+    parser.add_argument("--chunks", help="time the first schedule at these chunk sizes against the forward floor, e.g. 10,25,50,100")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
+    print(f"{hardware()}, threads={torch.get_num_threads()}; {args.pipeline}, {args.per_class} per class")
+    if args.chunks:
+        return chunk_sweep(pipe, args)
+    chunk = args.batch_size or sampling_batch(pipe.device)
     dataset = saved_run_config(args.pipeline).data.dataset
     evaluator = Evaluator(dataset, metrics=("accuracy", "cfid"))
     schedules = [(s.split(":")[0], int(s.split(":")[1])) for s in args.schedules.split(",")]
-    print(f"{hardware()}, threads={torch.get_num_threads()}; {args.pipeline} ({dataset}), "
-          f"{args.per_class} per class, batch {args.batch_size}")
-    print("| sampler | steps (NFE) | guidance | precision | s / image | speed-up vs first row | conditional accuracy | classifier-FID |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"data set {dataset}, chunk {chunk}")
+    print("| sampler | steps (NFE) | guidance | precision | s / image | vs floor | speed-up vs first row | conditional accuracy | "
+          "classifier-FID |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows, reference = [], None
     for guidance in (float(g) for g in args.guidance.split(",")):
         for precision in args.precisions.split(","):
             for sampler, steps in schedules:
                 sample = SampleConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=guidance)
                 started = time.perf_counter()
-                samples = generate(pipe, args.per_class, sample, seed=0, batch_size=args.batch_size, mixed_precision=precision)
+                samples = generate(pipe, args.per_class, sample, seed=0, batch_size=chunk, mixed_precision=precision)
                 per_image = (time.perf_counter() - started) / len(samples)
+                floor = forward_floor(pipe, chunk, guidance, precision) * steps
                 score = evaluator.score(samples)
                 reference = reference or per_image
                 stderr = math.sqrt(score["accuracy"] * (1 - score["accuracy"]) / score["n"])
                 rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "precision": precision,
-                             "s_per_image": per_image, "accuracy": score["accuracy"], "accuracy_stderr": stderr,
+                             "s_per_image": per_image, "floor_s_per_image": floor, "accuracy": score["accuracy"], "accuracy_stderr": stderr,
                              "cfid": score["cfid"], "n": score["n"]})
-                print(f"| {sampler} | {steps} | {guidance:g} | {precision} | {per_image:.4f} | {reference / per_image:.1f}x | "
+                print(f"| {sampler} | {steps} | {guidance:g} | {precision} | {per_image:.4f} | {per_image / floor:.2f}x | "
+                      f"{reference / per_image:.1f}x | "
                       f"{100 * score['accuracy']:.1f} % ± {100 * stderr:.1f} | {score['cfid']:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

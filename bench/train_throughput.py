@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py                          # MNIST and CIFAR-10 shapes, fp32 and bf16
     python bench/train_throughput.py --shapes mnist --precisions bf16 --seconds 5 --repeats 1
+    python bench/train_throughput.py --from-run runs/cifar10 --peak-tflops 990   # a real run's logged speed and MFU
 
 Peers: diffusers' ``UNet2DModel`` (``num_class_embeds``) and lucidrains' ``denoising-diffusion-pytorch``
 classifier-free-guidance ``Unet`` (``pip install denoising-diffusion-pytorch``). A step is what training
@@ -185,6 +186,29 @@ def one(args: argparse.Namespace) -> None:
                       "gflop_per_image": flops / 1e9}))
 
 
+def from_run(run_dir: Path, peak_tflops: float | None) -> None:
+    """One row for a real training run (``pipeline/train.py``): its logged images/s (median of the logs after the
+    first, which includes start-up), GFLOP per image of its U-Net, TFLOP/s, MFU and peak memory (CUDA only)."""
+    from pipeline.data import ImageData as Data
+    from pipeline.figures import read_scalars
+
+    cfg = load_config(run_dir / "config.yaml")
+    config = json.loads((run_dir / "pipeline" / "unet" / "config.json").read_text())
+    channels, size = config["in_channels"], config["sample_size"]
+    fake = Data(torch.zeros(1, channels, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), config["class_names"])
+    model = build_unet(cfg, fake)
+    shape = next(name for name, (c, s, _) in SHAPES.items() if (c, s) == (channels, size))
+    gflop = flops_per_image(model, shape) / 1e9
+    _, speeds = read_scalars(run_dir, "train/images_per_s")
+    _, memory = read_scalars(run_dir, "train/peak_memory_gib")
+    images_per_s = statistics.median(speeds[1:] or speeds)
+    tflops = images_per_s * gflop / 1e3
+    mfu = f"{100 * tflops / peak_tflops:.1f} %" if peak_tflops else "n/a"
+    print("| run | params | GFLOP / image | images/s (median) | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
+    print(f"| {run_dir} | {count(model) / 1e6:.2f}M | {gflop:.2f} | {images_per_s:.1f} | {tflops:.3f} | {mfu} | "
+          f"{max(memory) if memory else float('nan'):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="mnist,cifar10")
@@ -196,8 +220,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (e.g. 989 for an H100/H200 in bf16): adds MFU")
     parser.add_argument("--override", action="append", default=[], help="override of our config, e.g. --override=--model.upsample=nearest")
+    parser.add_argument("--from-run", type=Path, help="report a finished pipeline/train.py run instead of measuring steps")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "SHAPE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_run:
+        return from_run(args.from_run, args.peak_tflops)
     if args.one:
         args.model, args.shape, args.precision = args.one
         return one(args)

@@ -116,7 +116,10 @@ class TrainConfig:
     log_every: int = _opt(50, "steps between loss/lr/throughput logs")
     sample_every: int | None = _opt(1000, "steps between EMA sample grids in TensorBoard (none = off)")
     eval_every: int | None = _opt(None, "steps between small-N metrics (accuracy, classifier FID) in TensorBoard (none = off)")
-    eval_per_class: int = _opt(10, "samples per class for those metrics")
+    eval_metrics: tuple[Literal["accuracy", "cfid", "fid"], ...] = _opt(
+        ("accuracy", "cfid"), "metrics logged every eval_every steps: accuracy, cfid (need the data set's classifier), fid (Inception)"
+    )
+    eval_per_class: int = _opt(10, "samples per class for those metrics (small on a CPU; FID wants >= 500 per class for absolute values)")
     checkpoint_every: int | None = _opt(1000, "steps between checkpoints (one is always written at exit)")
     keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep")
     export_every: int | None = _opt(None, "steps between pipeline exports (one is always written at the end)")
@@ -232,6 +235,7 @@ def validate(cfg: Config) -> Config:
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (t.eval_per_class >= 1, "train.eval_per_class must be >= 1"),
+        (len(t.eval_metrics) >= 1, "train.eval_metrics must name at least one of accuracy, cfid, fid"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs must be >= 1"),
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0"),
@@ -326,7 +330,7 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return _type_name(next(a for a in args if a is not type(None))) + "|none"
     if origin in (tuple, list):
-        return f"{args[0].__name__},..."
+        return f"{_type_name(args[0])},..."
     return getattr(hint, "__name__", str(hint))
 
 

@@ -4,6 +4,7 @@
     python -m pipeline.figures reverse --pipeline runs/x/pipeline --out reverse.png    # figures 8-9
     python -m pipeline.figures grid --pipeline runs/x/pipeline --out grid.png          # figures 10-11
     python -m pipeline.figures loss --run runs/x [--run runs/y ...] --out loss.png     # figure 12
+    python -m pipeline.figures curve --run runs/x --out curve.png                       # eval/* vs minutes and images
     python -m pipeline.figures guidance --pipeline runs/x/pipeline --scales 1,2,3,5 --out guidance.png
     python -m pipeline.figures all --pipeline runs/x/pipeline --out-dir docs/figures/x # every one of them
 
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from pipeline.config import DataConfig, DiffusionConfig, SampleConfig  # noqa: E402
+from pipeline.config import DataConfig, DiffusionConfig, SampleConfig, load_config  # noqa: E402
 from pipeline.diffusion import make_train_scheduler  # noqa: E402
 from pipeline.evaluation.sampling import saved_run_config, usable_guidance, with_sampler  # noqa: E402
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline  # noqa: E402
@@ -167,6 +168,45 @@ def read_scalars(run_dir: str | Path, tag: str = "train/loss") -> tuple[list[int
     return steps, [points[s] for s in steps]
 
 
+def training_minutes(run_dir: str | Path, tag: str = "train/loss") -> dict[int, float]:
+    """Step -> wall-clock minutes of training up to it, summed over the run's starts (each resume writes a new
+    event file; the time between a stop and the next start is not counted), from the events of ``tag``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    minutes: dict[int, float] = {}
+    before = 0.0
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag not in accumulator.Tags()["scalars"]:
+            continue
+        scalars = accumulator.Scalars(tag)
+        start = accumulator.FirstEventTimestamp()
+        minutes.update({e.step: before + (e.wall_time - start) / 60 for e in scalars})
+        before += (scalars[-1].wall_time - start) / 60
+    return minutes
+
+
+def quality_curve(run_dir: str | Path, out: str | Path, batch_size: int, tags: Sequence[str] = ("eval/fid", "eval/accuracy")) -> Path:
+    """Each in-training metric (``train.eval_every``) against wall-clock minutes of training and against images
+    seen (step x ``batch_size``): one row of two panels per tag."""
+    minutes = training_minutes(run_dir)
+    fig, axes = plt.subplots(len(tags), 2, figsize=(9, 3 * len(tags)), squeeze=False)
+    for row, tag in zip(axes, tags, strict=True):
+        steps, values = read_scalars(run_dir, tag)
+        if not steps:
+            raise ValueError(f"no {tag!r} scalars under {run_dir}; train with --train.eval_every and --train.eval_metrics")
+        timed = [(minutes[s], v) for s, v in zip(steps, values, strict=True) if s in minutes]  # eval steps are log steps
+        row[0].plot(*zip(*timed, strict=True), marker="o")
+        row[1].plot([s * batch_size for s in steps], values, marker="o")
+        row[0].set_xlabel("training wall-clock minutes")
+        row[1].set_xlabel("training images seen")
+        for ax in row:
+            ax.set_ylabel(tag)
+            ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
 def loss_curves(runs: Mapping[str, str | Path], out: str | Path, tag: str = "train/loss") -> Path:
     """Figure 12: the training loss of each run (name -> run directory with ``tensorboard/``), log scale.
     Runs without the scalar yet (fewer steps than ``train.log_every``) are drawn empty."""
@@ -187,7 +227,7 @@ def loss_curves(runs: Mapping[str, str | Path], out: str | Path, tag: str = "tra
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.figures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=["forward", "reverse", "grid", "loss", "guidance", "all"])
+    parser.add_argument("figure", choices=["forward", "reverse", "grid", "loss", "curve", "guidance", "all"])
     parser.add_argument("--pipeline", help="exported pipeline directory")
     parser.add_argument("--run", action="append", default=[], help="training output directory (loss; repeat to overlay)")
     parser.add_argument("--dataset", help="data for the forward figure (default: the run's, else data/mnist)")
@@ -226,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                 written = guidance_sweep(pipe, path(name), scales, min(args.per_class, 6), sample, args.seed)
             else:
                 if not runs:
-                    parser.error("loss needs --run (a training output directory)")
-                written = loss_curves({Path(r).name: r for r in runs}, path(name))
+                    parser.error(f"{name} needs --run (a training output directory)")
+                if name == "curve":
+                    batch = load_config(Path(runs[0]) / "config.yaml").train.batch_size
+                    written = quality_curve(runs[0], path(name), batch)
+                else:
+                    written = loss_curves({Path(r).name: r for r in runs}, path(name))
             print(f"wrote {written}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -136,7 +136,7 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
     ev = study_set.evaluate
     per_class, seed_eval = int(ev.get("per_class", 20)), int(ev.get("seed", 0))
     ref_samples = ev.get("ref_samples", 10_000)
-    precision = ev.get("mixed_precision", "no")
+    precision = ev.get("mixed_precision", "auto")
     evaluators: dict[str, Evaluator] = {}
     rows, pipelines = [], {}
     device = "cuda" if torch.cuda.is_available() else "cpu"

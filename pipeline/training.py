@@ -8,6 +8,7 @@ So a run is a pure function of its config: a resumed run repeats an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -220,9 +221,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     evaluator = None
     if t.eval_every and accelerator.is_main_process:
-        from pipeline.evaluation import Evaluator  # loads the data set's classifier; fails at start if there is none
+        from pipeline.evaluation import Evaluator  # loads the data set's classifier (accuracy, cfid); fails at start if there is none
 
-        evaluator = Evaluator(cfg.data.dataset, metrics=("accuracy", "cfid"), device=accelerator.device)
+        # distances to (up to 10,000 of) the images it trains on; cached on disk after the first evaluation
+        reference = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 10_000, 10_000))
+        evaluator = Evaluator(cfg.data.dataset, metrics=t.eval_metrics, reference=reference, device=accelerator.device)
     bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch log file gets a line every 30 s, not every step
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -270,6 +273,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 }
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)
+                if accelerator.device.type == "cuda":
+                    logs["train/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_s']:.0f}")
                 loss_sum.zero_()
@@ -348,12 +353,12 @@ def log_samples(
 
 @torch.no_grad()
 def log_metrics(accelerator: Accelerator, evaluator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config, step: int) -> None:
-    """Conditional accuracy and classifier-feature FID of the EMA model (``eval/*`` in TensorBoard)."""
+    """``train.eval_metrics`` of the EMA model (``eval/accuracy``, ``eval/cfid``, ``eval/fid`` in TensorBoard)."""
     if accelerator.is_main_process:
         from pipeline.evaluation import evaluate_for_training
 
         pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        metrics = evaluate_for_training(pipe, evaluator, cfg.train.eval_per_class, cfg.sample, cfg.train.seed, cfg.train.mixed_precision)
+        metrics = evaluate_for_training(pipe, evaluator, cfg.train.eval_per_class, cfg.sample, cfg.train.seed)
         accelerator.log(metrics, step=step)
     accelerator.wait_for_everyone()

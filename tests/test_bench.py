@@ -3,6 +3,7 @@ docs/performance.md; speed is never asserted here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.train_throughput import PEERS, Levers, count, matched, measure, ours
 from tests.conftest import REPO
 
 BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
-
-from train_throughput import PEERS, Levers, count, matched, measure, ours  # noqa: E402
 
 
 def run_bench(tmp_path: Path, script: str, *args: str) -> list[list[str]]:
@@ -69,7 +68,25 @@ def test_sampling_table(tiny_run: Path, tmp_path: Path) -> None:
                      "--schedules", "ddpm:4,dpmsolver++:2", "--guidance", "1,2", "--batch-size", "10")
     assert [(row[0], row[1], row[2]) for row in rows] == [("ddpm", "4", "1"), ("dpmsolver++", "2", "1"), ("ddpm", "4", "2"),
                                                          ("dpmsolver++", "2", "2")]
-    assert rows[0][5] == "1.0x" and all(0 <= float(row[6].split(" %")[0]) <= 100 for row in rows)
+    assert rows[0][6] == "1.0x" and all(0 <= float(row[7].split(" %")[0]) <= 100 for row in rows)
+    assert all(float(row[5].rstrip("x")) > 0 for row in rows)  # time per image against the model-forward floor
+
+
+def test_sampling_chunk_sweep_against_the_forward_floor(tiny_run: Path, tmp_path: Path) -> None:
+    rows = run_bench(tmp_path, "sampling.py", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "1",
+                     "--schedules", "dpmsolver++:2", "--guidance", "2", "--precisions", "no,bf16", "--chunks", "2,5")
+    assert [(row[3], row[4]) for row in rows] == [("no", "2"), ("no", "5"), ("bf16", "2"), ("bf16", "5")]
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 and row[7].endswith("x") for row in rows)
+
+
+def test_diffusers_recipe_trains_and_is_scored_like_ours(tmp_path: Path, mnist_path: Path) -> None:
+    rows = run_bench(tmp_path, "diffusers_recipe.py", "--config", "configs/quickstart-cpu.yaml", "--minutes", "0.15",
+                     "--output-dir", str(tmp_path / "peer"), "--per-class", "1", "--data.dataset", str(mnist_path),
+                     "--data.max_samples", "256", "--train.batch_size", "8", "--sample.num_inference_steps", "2")
+    assert rows[0][0] == "model" and rows[0][1] == "10" and 0 <= float(rows[0][2]) <= 1  # n, accuracy
+    summary = json.loads((tmp_path / "peer" / "peer.json").read_text())
+    assert summary["steps"] >= 4 and summary["images_seen"] == 8 * summary["steps"]
+    assert abs(summary["params"] / summary["ours_params"] - 1) < 0.02  # matched to our U-Net
 
 
 @pytest.mark.multiprocess

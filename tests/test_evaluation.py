@@ -15,7 +15,7 @@ from pipeline.config import DataConfig
 from pipeline.data import load_image_data
 from pipeline.evaluation import FeatureStats, InceptionFeatures, conditional_accuracy, frechet_distance, inception_score, load_classifier
 from pipeline.evaluation.__main__ import main as evaluation_main
-from pipeline.evaluation.classifier import accuracy, train_classifier
+from pipeline.evaluation.classifier import ImageClassifier, accuracy, train_classifier
 from pipeline.evaluation.fid import tf_bilinear_resize
 
 # TF-FID Inception pool_3 features of ``pattern_image()`` (docs/evaluation.md): the first five and the L2 norm.
@@ -123,6 +123,33 @@ def test_committed_mnist_classifier_meets_its_bar(mnist_path: Path) -> None:
     assert classifier.features(torch.zeros(2, 1, 28, 28)).shape == (2, classifier.feature_dim)
 
 
+def test_committed_cifar10_classifier_meets_its_bar(cifar10_path: Path) -> None:
+    """The committed CIFAR-10 classifier, re-measured on all 10,000 test images (flip test-time augmentation)."""
+    classifier = load_classifier("cifar10")
+    assert classifier.config.arch == "airbench" and classifier.config.flip_tta
+    measured = accuracy(classifier, load_image_data(DataConfig(dataset=str(cifar10_path), split="test")))
+    assert measured >= 0.90
+    recorded = json.loads((Path(classifier.config["_name_or_path"]) / "metrics.json").read_text())
+    assert measured == pytest.approx(recorded["test_accuracy"], abs=1e-4)
+    assert recorded["wall_s"] <= 60 * 60 and recorded["device"] == "cpu"  # trained on the 2-core CPU within the hour
+    weights = Path(classifier.config["_name_or_path"]) / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+
+
+def test_whitening_layer_whitens_patches() -> None:
+    """The airbench first layer's filters map 2x2 patches to unit-variance, uncorrelated outputs (on its own data)."""
+    images = torch.rand(64, 3, 8, 8) ** 2  # correlated channels and neighbours after normalisation
+    images[:, 1] = 0.5 * images[:, 0] + 0.5 * images[:, 1]
+    model = ImageClassifier(arch="airbench", in_channels=3, image_size=8, mean=(0.3,) * 3, std=(0.3,) * 3)
+    model.init_whitening(images)
+    x = (images - 0.3) / 0.3
+    out = torch.nn.functional.conv2d(x, model.body[0].weight)[:, :12]  # the first half; the rest is its negation
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.02)
+    assert torch.equal(model.body[0].weight[12:], -model.body[0].weight[:12])
+
+
 def test_classifier_training_learns(tmp_path: Path, mnist_path: Path) -> None:
     """A short run on 3,000 images already separates the digits (the full recipe: docs/evaluation.md)."""
     metrics = train_classifier(DataConfig(dataset=str(mnist_path), max_samples=3000), tmp_path / "clf", epochs=1, batch_size=64)
@@ -162,3 +189,29 @@ def test_evaluate_cli_end_to_end(tiny_run: Path, tmp_path: Path, capsys: pytest.
 def test_evaluate_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
     assert evaluation_main(["evaluate", "--dataset", "data/mnist", "--metrics", "accuracy,bogus"]) == 2
     assert "unknown metric(s) bogus" in capsys.readouterr().err
+
+
+def test_training_logs_inception_fid_on_a_data_set_without_classifier(tmp_path: Path, mnist_path: Path) -> None:
+    """``--train.eval_metrics fid`` needs no project classifier: a copy of MNIST under another name has none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.config import load_config
+    from pipeline.training import train
+    from tests.conftest import TINY_MODEL
+
+    digits = tmp_path / "digits"  # classifier_name("…/digits") = "digits": nothing committed under that name
+    digits.mkdir()
+    for split in ("train", "test"):
+        (digits / f"{split}.parquet").symlink_to(mnist_path / f"{split}.parquet")
+    out = tmp_path / "run"
+    overrides = [*TINY_MODEL, "--data.dataset", str(digits), "--data.max_samples", "64", "--train.batch_size", "16",
+                 "--train.max_steps", "2", "--train.eval_every", "2", "--train.eval_per_class", "1", "--train.eval_metrics", "fid",
+                 "--train.sample_every", "none", "--train.output_dir", str(out), "--sample.num_inference_steps", "2"]
+    assert train(load_config(None, overrides)) == 0
+    events = EventAccumulator(str(out / "tensorboard" / "train"))
+    events.Reload()
+    assert "eval/accuracy" not in events.Tags()["scalars"]
+    (fid,) = events.Scalars("eval/fid")
+    assert fid.step == 2 and np.isfinite(fid.value) and fid.value > 0
+    with pytest.raises(FileNotFoundError, match="no classifier at 'digits'"):
+        train(load_config(None, [*overrides, "--train.eval_metrics", "fid,accuracy", "--train.output_dir", str(tmp_path / "r2")]))

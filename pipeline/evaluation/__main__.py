@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     train = actions.add_parser("train", help="train on the train split, report test accuracy, save")
     train.add_argument("--dataset", required=True, help="path or hub id (../shared/data/mnist)")
     train.add_argument("--out", required=True, help="output directory (data/classifiers/<name> to commit it)")
-    train.add_argument("--arch", choices=["small_cnn", "resnet"], help="default: small_cnn for 1 channel, resnet for 3")
+    train.add_argument("--arch", choices=["small_cnn", "airbench"], help="default: small_cnn for 1 channel, airbench for 3")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
@@ -60,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--real-split", default="test", help="split of the 'real' baseline row (default test)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pure-noise and real-data rows")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=250, help="images per sampling batch and process")
-    ev.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="bf16 autocast while sampling")
+    ev.add_argument("--batch-size", type=int, help="images per sampling chunk and process (default: the device's fastest)")
+    ev.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto",
+                    help="bf16 autocast while sampling (default auto: where the hardware runs bf16 natively)")
     ev.add_argument("--out", help="write the result JSON here (and a .md table beside it)")
     return parser
 
@@ -96,6 +97,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = None

@@ -2,11 +2,14 @@
 
 They answer the seed's question "does the conditioning control the content": the share of samples of class y
 that the classifier calls y (conditional accuracy), and a Fréchet distance on their penultimate-layer features
-(classifier-feature FID), which, unlike Inception's, knows what a digit is.
+(classifier-feature FID), which, unlike Inception's, knows what a digit or a CIFAR-10 class looks like.
 
 - ``small_cnn`` (MNIST, 28x28x1): 4 convolutions, ~0.2 M parameters, >= 99 % test accuracy in 2 epochs (~3 min on 2 CPU cores).
-- ``resnet`` (CIFAR-10, 32x32x3): the ResNet-9 of the DAWNBench entries (Page 2018), ~6.6 M parameters,
-  >= 90 % test accuracy after ~20 epochs on a GPU (hours on a CPU).
+- ``airbench`` (CIFAR-10, 32x32x3): the fast CIFAR-10 network of Jordan (2024, "94 % on CIFAR-10 in 3.29 seconds",
+  a successor of the DAWNBench ResNet-9 of Page 2018): a frozen 2x2 patch-whitening convolution, three
+  conv-pool-BatchNorm-GELU groups of 64/256/256 channels with identity-initialised filters, ~2 M parameters;
+  trained with Nesterov SGD, label smoothing, flips and 2-px translations, and evaluated with flip test-time
+  augmentation (``flip_tta``). >= 90 % test accuracy in ~10 epochs on 2 CPU cores (docs/evaluation.md).
 
 Both take images (N, C, H, W) float in [0, 1], the ``output_type="pt"`` of the pipeline, and normalise inside.
 Saved with ``save_pretrained`` (``config.json`` + safetensors) plus ``metrics.json`` (measured test accuracy).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,32 +32,51 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from pipeline.config import PROJECT_ROOT, DataConfig
-from pipeline.data import ImageData, load_image_data
+from pipeline.data import ImageData, flip_where, load_image_data
 
 COMMITTED = PROJECT_ROOT / "data" / "classifiers"
-Arch = Literal["small_cnn", "resnet"]
+Arch = Literal["small_cnn", "airbench"]
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class _Residual(nn.Module):
+class _FastBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a fixed unit scale (only the shift learns) and fast running statistics (momentum 0.4)."""
+
     def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+
+class _ConvGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU: (N, cin, H, W) -> (N, cout, H/2, W/2).
+    Filters start as the identity on their first ``cin`` outputs (an implicit residual path)."""
+
+    def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm1 = _FastBatchNorm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = _FastBatchNorm(cout)
+        for conv in (self.conv1, self.conv2):
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
 
 
 class ImageClassifier(ModelMixin, ConfigMixin):
     """A CNN ``(N, C, H, W) in [0, 1] -> (N, num_classes)`` logits, with ``features`` -> (N, feature_dim).
 
     Args:
-        arch: ``small_cnn`` or ``resnet`` (see the module docstring).
+        arch: ``small_cnn`` or ``airbench`` (see the module docstring).
         in_channels, image_size, num_classes, class_names: of the data set it was trained on.
         mean, std: per-channel normalisation of the [0, 1] input (the training set's statistics).
+        flip_tta: average the features of each image and its mirror image (test-time augmentation; in eval
+            mode only), so logits, accuracy and classifier-FID all see the same flip-invariant features.
     """
 
     @register_to_config
@@ -66,12 +89,14 @@ class ImageClassifier(ModelMixin, ConfigMixin):
         class_names: list[str] | None = None,
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
+        flip_tta: bool = False,
     ):
         super().__init__()
         if len(mean) != in_channels or len(std) != in_channels:
             raise ValueError(f"mean and std need {in_channels} values each, got {len(mean)} and {len(std)}")
         self.register_buffer("_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.logit_scale = 1.0
         if arch == "small_cnn":
             self.body = nn.Sequential(
                 _conv_bn(in_channels, 16), _conv_bn(16, 16), nn.MaxPool2d(2),
@@ -79,29 +104,50 @@ class ImageClassifier(ModelMixin, ConfigMixin):
                 nn.Flatten(), nn.Linear(32 * (image_size // 4) ** 2, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
             )
             self.feature_dim = 128
-        elif arch == "resnet":
+            self.dropout = nn.Dropout(0.2)
+            self.head = nn.Linear(self.feature_dim, num_classes)
+        elif arch == "airbench":
+            whitening = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True)  # set from data by init_whitening
+            whitening.weight.requires_grad_(False)
             self.body = nn.Sequential(
-                _conv_bn(in_channels, 64), _conv_bn(64, 128), nn.MaxPool2d(2), _Residual(128),
-                _conv_bn(128, 256), nn.MaxPool2d(2),
-                _conv_bn(256, 512), nn.MaxPool2d(2), _Residual(512),
+                whitening, nn.GELU(), _ConvGroup(whitening.out_channels, 64), _ConvGroup(64, 256), _ConvGroup(256, 256),
                 nn.AdaptiveMaxPool2d(1), nn.Flatten(),
             )
-            self.feature_dim = 512
+            self.feature_dim = 256
+            self.dropout = nn.Identity()
+            self.head = nn.Linear(self.feature_dim, num_classes, bias=False)
+            self.logit_scale = 1 / 9  # small initial logits, as the recipe was tuned with
         else:
-            raise ValueError(f"classifier arch {arch!r} unknown; use small_cnn or resnet")
-        self.dropout = nn.Dropout(0.2)
-        self.head = nn.Linear(self.feature_dim, num_classes)
+            raise ValueError(f"classifier arch {arch!r} unknown; use small_cnn or airbench")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0, 1] -> (N, feature_dim) penultimate activations (the classifier-FID features)."""
         if images.shape[1:] != (self.config.in_channels, self.config.image_size, self.config.image_size):
             expected = (self.config.in_channels, self.config.image_size, self.config.image_size)
             raise ValueError(f"classifier expects images (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        return self.body((images.to(self._mean.dtype) - self._mean) / self._std)
+        x = (images.to(self._mean.dtype) - self._mean) / self._std
+        if self.config.flip_tta and not self.training:
+            return (self.body(x) + self.body(x.flip(-1))) / 2
+        return self.body(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0, 1] -> (N, num_classes) logits."""
-        return self.head(self.dropout(self.features(images)))
+        return self.logits(self.features(images))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, feature_dim) features -> (N, num_classes) logits."""
+        return self.head(self.dropout(features)) * self.logit_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the ``airbench`` first layer to whiten the 2x2 patches of ``images`` (N, C, H, W) in [0, 1]: its
+        filters are the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue), each with its negation."""
+        whitening = self.body[0]
+        x = (images.float() - self._mean.cpu()) / self._std.cpu()
+        patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * 4)
+        values, vectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (vectors.T / torch.sqrt(values + eps)[:, None]).flip(0).reshape(-1, x.shape[1], 2, 2)
+        whitening.weight.copy_(torch.cat([filters, -filters]))
 
 
 def load_classifier(name: str | Path = "mnist", device: str | torch.device | None = None) -> ImageClassifier:
@@ -122,37 +168,51 @@ def load_classifier(name: str | Path = "mnist", device: str | torch.device | Non
 
 @dataclass
 class ClassifierTraining:
-    """Options of ``train_classifier``; the defaults suit MNIST on a CPU."""
+    """Options of ``train_classifier``; ``RECIPES`` holds the tuned ones per architecture.
+
+    ``optimizer="sgd"`` uses Nesterov SGD in the decoupled form of the airbench recipe (Page 2018's "how to train
+    your ResNet" parametrisation): ``lr`` and ``weight_decay`` are per 1024 examples and independent of the
+    momentum and of each other, BatchNorm shifts learn ``bias_lr_scale`` times faster, and the learning rate
+    follows a triangle (0.2 -> 1 at 23 % -> 0.07). ``optimizer="adamw"`` uses them as AdamW's, with one-cycle.
+    """
 
     arch: Arch = "small_cnn"
     epochs: int = 2
     batch_size: int = 128
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
+    momentum: float = 0.85
     weight_decay: float = 5e-4
+    bias_lr_scale: float = 1.0
     label_smoothing: float = 0.0
+    translate: int = 2
+    whitening_bias_epochs: int = 0
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"
 
 
 RECIPES: dict[str, ClassifierTraining] = {
     "small_cnn": ClassifierTraining(),
-    "resnet": ClassifierTraining(arch="resnet", epochs=24, batch_size=512, lr=4e-3, weight_decay=5e-4, label_smoothing=0.2),
+    "airbench": ClassifierTraining(
+        arch="airbench", epochs=10, batch_size=1024, optimizer="sgd", lr=11.5, momentum=0.85, weight_decay=0.0153,
+        bias_lr_scale=64.0, label_smoothing=0.2, translate=2, whitening_bias_epochs=3,
+    ),
 }
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
-    """Random translations by up to 2 px (MNIST) or 4 px (32x32) with zero padding, and optional flips.
-
-    (N, C, H, W) float -> same shape.
-    """
+def augment(images: torch.Tensor, generator: torch.Generator, flip: bool, translate: int) -> torch.Tensor:
+    """Random translations by up to ``translate`` px (reflected borders for natural images, zeros for digits)
+    and, with ``flip``, random horizontal flips. (N, C, H, W) float -> same shape."""
     n, _, h, w = images.shape
-    pad = 2 if h <= 28 else 4
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dx, dy = (torch.randint(0, 2 * pad + 1, (2, n), generator=generator)).tolist()
-    out = torch.stack([padded[i, :, y : y + h, x : x + w] for i, (x, y) in enumerate(zip(dx, dy, strict=True))])
+    shift = torch.randint(0, 2 * translate + 1, (2, n), generator=generator)
+    padded = F.pad(images, (translate,) * 4, mode="reflect" if flip else "constant")
+    out = torch.empty_like(images)
+    for dy in range(2 * translate + 1):  # one gather per offset: (2t+1)^2 tensor ops, not one per image
+        for dx in range(2 * translate + 1):
+            chosen = (shift[0] == dy) & (shift[1] == dx)
+            out[chosen] = padded[chosen, :, dy : dy + h, dx : dx + w]
     if flip:
-        flips = torch.rand(n, generator=generator) < 0.5
-        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+        out = flip_where(out, torch.rand(n, generator=generator) < 0.5)
     return out
 
 
@@ -168,41 +228,73 @@ def accuracy(classifier: ImageClassifier, data: ImageData, batch_size: int = 100
     return correct / len(data)
 
 
+def _optimizer(model: ImageClassifier, options: ClassifierTraining, total_steps: int):
+    """The optimizer and its per-step LR schedule for ``options``."""
+    if options.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, options.lr, total_steps=total_steps, pct_start=0.25)
+    # Nesterov steps are 1 + 1/(1 - momentum) times the gradient: divide it out so lr means the same at any momentum;
+    # lr is per 1024 examples of a summed loss, and the loss here is a batch mean.
+    per_step = 1024 * (1 + 1 / (1 - options.momentum))
+    lr = options.lr * options.batch_size / per_step
+    decay = options.weight_decay * options.batch_size / per_step
+    shifts = [p for name, p in model.named_parameters() if "norm" in name and p.requires_grad]
+    others = [p for name, p in model.named_parameters() if "norm" not in name and p.requires_grad]
+    bias_lr = lr * options.bias_lr_scale
+    optimizer = torch.optim.SGD(
+        [dict(params=shifts, lr=bias_lr, weight_decay=decay / bias_lr), dict(params=others, lr=lr, weight_decay=decay / lr)],
+        momentum=options.momentum, nesterov=True,
+    )
+    peak = int(0.23 * total_steps)
+
+    def triangle(step: int) -> float:
+        if step < peak:
+            return 0.2 + 0.8 * step / peak
+        return 1.0 - 0.93 * (step - peak) / max(total_steps - peak, 1)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
+
+
 def train_classifier(data_cfg: DataConfig, out: str | Path, device: str | None = None, **options: Any) -> dict[str, Any]:
     """Train on ``data_cfg`` (its split, default train), test on the ``test`` split, save to ``out``.
 
     ``options`` override fields of ``ClassifierTraining``; the recipe is ``RECIPES[options["arch"]]``, by default
-    ``small_cnn`` for one-channel and ``resnet`` for three-channel images.
+    ``small_cnn`` for one-channel and ``airbench`` for three-channel images.
     Returns and writes ``out/metrics.json``: test accuracy, epochs, wall time, data set.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train_data = load_image_data(data_cfg)
     test_data = load_image_data(DataConfig(dataset=data_cfg.dataset, split="test", image_column=data_cfg.image_column,
                                            label_column=data_cfg.label_column))
-    arch = options.get("arch") or ("small_cnn" if train_data.channels == 1 else "resnet")
+    arch = options.get("arch") or ("small_cnn" if train_data.channels == 1 else "airbench")
     options = dataclasses.replace(RECIPES[arch], **{k: v for k, v in options.items() if v is not None})
     torch.manual_seed(options.seed)
     pixels = train_data.images.float() / 255
     mean = pixels.mean(dim=(0, 2, 3)).tolist()
     std = pixels.std(dim=(0, 2, 3)).tolist()
-    del pixels
+    natural = train_data.channels == 3  # flips suit natural images, not digits
     model = ImageClassifier(
-        arch=options.arch, in_channels=train_data.channels, image_size=train_data.size,
-        num_classes=len(train_data.class_names), class_names=train_data.class_names, mean=tuple(mean), std=tuple(std),
-    ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        arch=options.arch, in_channels=train_data.channels, image_size=train_data.size, num_classes=len(train_data.class_names),
+        class_names=train_data.class_names, mean=tuple(mean), std=tuple(std), flip_tta=natural,
+    )
+    if options.arch == "airbench":
+        model.init_whitening(pixels[:5000])
+    del pixels
+    model.to(device, memory_format=torch.channels_last)  # 1.4x faster convolutions on CPU (oneDNN) and GPU
     steps_per_epoch = len(train_data) // options.batch_size
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, options.lr, total_steps=options.epochs * steps_per_epoch, pct_start=0.25)
+    optimizer, schedule = _optimizer(model, options, options.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(options.seed)
-    flip = train_data.channels == 3  # horizontal flips suit natural images, not digits
     started = time.time()
     for epoch in range(options.epochs):
         model.train()
+        if options.whitening_bias_epochs:  # the whitening shift learns early, then freezes
+            model.body[0].bias.requires_grad_(epoch < options.whitening_bias_epochs)
         order = torch.randperm(len(train_data), generator=generator)
         total = 0.0
         for step in range(steps_per_epoch):
             index = order[step * options.batch_size : (step + 1) * options.batch_size]
-            images = augment(train_data.images[index].float() / 255, generator, flip).to(device)
+            images = augment(train_data.images[index].float() / 255, generator, natural, options.translate)
+            images = images.to(device, memory_format=torch.channels_last)
             labels = train_data.labels[index].to(device)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=options.mixed_precision == "bf16"):
                 logits = model(images)
@@ -215,6 +307,8 @@ def train_classifier(data_cfg: DataConfig, out: str | Path, device: str | None =
         test_accuracy = accuracy(model, test_data)
         print(f"epoch {epoch + 1}/{options.epochs}: loss {total / steps_per_epoch:.4f} test accuracy {test_accuracy:.4f} "
               f"({time.time() - started:.0f} s)", flush=True)
+    if not math.isfinite(total):
+        raise RuntimeError(f"classifier training diverged (loss {total}); lower --lr")
     metrics = {
         "test_accuracy": test_accuracy,
         "test_images": len(test_data),
@@ -229,4 +323,3 @@ def train_classifier(data_cfg: DataConfig, out: str | Path, device: str | None =
     model.cpu().eval().save_pretrained(str(out))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -27,7 +27,7 @@ from pipeline.data import ImageData, load_image_data
 from pipeline.evaluation.classifier import ImageClassifier, load_classifier
 from pipeline.evaluation.fid import ClassifierFeatures, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
 from pipeline.evaluation.inception_score import ImageNetInceptionLogits, InceptionScoreUnavailable, inception_score
-from pipeline.evaluation.sampling import Samples, class_labels, generate
+from pipeline.evaluation.sampling import Precision, Samples, class_labels, generate
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
 METRICS = ("accuracy", "cfid", "fid", "is")
@@ -112,7 +112,7 @@ class Evaluator:
             features = self.extractors["cfid"](samples.images)
             if "accuracy" in self.metrics:
                 with torch.inference_mode():
-                    logits = self.classifier.head(features.to(self.classifier.device)).float().cpu()
+                    logits = self.classifier.logits(features.to(self.classifier.device)).float().cpu()
                 correct = (logits.argmax(1) == samples.labels).float()
                 row["accuracy"] = correct.mean().item()
                 row["class_is"] = inception_score(logits, splits=1)[0]
@@ -151,8 +151,8 @@ def conditional_accuracy(
     steps: int = 20,
     guidance: float = 2.0,
     seed: int = 0,
-    batch_size: int = 250,
-    mixed_precision: Literal["no", "bf16"] = "no",
+    batch_size: int | None = None,
+    mixed_precision: Precision = "auto",
 ) -> float:
     """Share of ``per_class`` samples per class that ``classifier`` assigns to the class they were drawn for."""
     if not isinstance(classifier, ImageClassifier):
@@ -170,8 +170,8 @@ def evaluate(
     per_class: int,
     sample: SampleConfig | None = None,
     seed: int = 0,
-    batch_size: int = 250,
-    mixed_precision: Literal["no", "bf16"] = "no",
+    batch_size: int | None = None,
+    mixed_precision: Precision = "auto",
     baselines: bool = True,
     real_split: str = "test",
     state: PartialState | None = None,
@@ -214,7 +214,7 @@ def evaluate_for_training(
     per_class: int = 10,
     sample: SampleConfig | None = None,
     seed: int = 0,
-    mixed_precision: Literal["no", "bf16"] = "no",
+    mixed_precision: Precision = "auto",
 ) -> dict[str, float]:
     """Small-N metrics for TensorBoard during training, e.g. ``{"eval/accuracy": 0.93, "eval/cfid": 4.1}``.
 

@@ -49,14 +49,45 @@ def usable_guidance(pipe: ConditionalDiffusionPipeline, scale: float) -> float:
 
 
 def saved_run_config(pipeline_dir: str | Path | None, config: str | Path | None = None) -> Config:
-    """``config``, else the ``config.yaml`` a training run wrote beside ``pipeline_dir``, else the defaults."""
-    path = Path(config) if config else Path(pipeline_dir).parent / "config.yaml" if pipeline_dir else None
-    return load_config(path) if path is not None and (config or path.is_file()) else Config()
+    """``config``, else the ``config.yaml`` inside ``pipeline_dir`` (a published pipeline) or the one a training run
+    wrote beside it, else the defaults."""
+    if config:
+        return load_config(config)
+    if pipeline_dir:
+        for path in (Path(pipeline_dir) / "config.yaml", Path(pipeline_dir).parent / "config.yaml"):
+            if path.is_file():
+                return load_config(path)
+    return Config()
 
 
 def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
     """(num_classes * per_class,) = 0,0,..,1,1,..: ``per_class`` of each class, in class order."""
     return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+Precision = Literal["auto", "no", "bf16"]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix arithmetic in hardware (CUDA with bf16, CPUs with AVX-512 BF16 or AMX);
+    elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def sampling_precision(precision: Precision, device: torch.device) -> Literal["no", "bf16"]:
+    """``auto`` -> bf16 autocast where the hardware has it (2.0-2.3x faster on this project's CPU at the same
+    accuracy and FID, docs/performance.md), else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "no"
+    return precision
+
+
+def sampling_batch(device: torch.device) -> int:
+    """Images per sampling chunk: on a CPU small chunks keep activations in cache (a bigger batch is slower per
+    image, bench/sampling.py); a GPU wants large ones."""
+    return 250 if device.type == "cuda" else 25
 
 
 @torch.no_grad()
@@ -65,26 +96,28 @@ def generate(
     per_class: int,
     sample: SampleConfig | None = None,
     seed: int = 0,
-    batch_size: int = 250,
-    mixed_precision: Literal["no", "bf16"] = "no",
+    batch_size: int | None = None,
+    mixed_precision: Precision = "auto",
     state: PartialState | None = None,
 ) -> Samples:
     """``per_class`` images of every class with ``sample``'s sampler, steps and guidance scale.
 
-    With ``state`` of several processes (``accelerate launch``), every process must call this: the batches
-    are dealt round-robin and gathered, so each returns the whole set. Without ``state`` this process draws
-    every batch alone (what a training loop's main process wants). A model trained without a null class is
-    sampled without guidance.
+    ``batch_size`` (images per chunk) and ``mixed_precision`` default to the fastest for the device
+    (``sampling_batch``, ``sampling_precision``). With ``state`` of several processes (``accelerate launch``),
+    every process must call this: the batches are dealt round-robin and gathered, so each returns the whole set.
+    Without ``state`` this process draws every batch alone (what a training loop's main process wants). A model
+    trained without a null class is sampled without guidance.
     """
     sample = sample or SampleConfig()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     sampling = with_sampler(pipe, sample.sampler)
     guidance = usable_guidance(pipe, sample.guidance_scale)
     labels = class_labels(pipe.unet.config.num_classes, per_class)
-    batches = list(torch.split(torch.arange(len(labels)), batch_size))
     device = pipe.device
+    batches = list(torch.split(torch.arange(len(labels)), batch_size or sampling_batch(device)))
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if sampling_precision(mixed_precision, device) == "bf16" else contextlib.nullcontext()
     )
     mine = []
     for b in range(rank, len(batches), world):
