@@ -13,7 +13,6 @@ setup(
         "accelerate>=1.10,<2",
         "datasets>=3.0,<6",
         "tensorboard>=2.15",
-        "einops>=0.8",
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy>=1.26",
