@@ -111,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
     folder = args.run_dir / "pipeline"
-    if not (folder / "model_index.json").is_file():
-        print(f"error: {folder} is not an exported pipeline (no model_index.json)", file=sys.stderr)
+    try:
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"{folder} is not an exported pipeline (no model_index.json)")
+        record = TrainingRecord.of_run(args.run_dir, saved_run_config(folder))
+        pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
+        build = args.run_dir / ".tmp-pipeline"
+        save_export(pipe, build, record)
+    except ValueError as error:  # ConfigError and ExportError too
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
-    build = args.run_dir / ".tmp-pipeline"
-    save_export(pipe, build, TrainingRecord.of_run(args.run_dir, saved_run_config(folder)))
     replace_dir(build, folder)
     print(f"wrote {folder} (self-contained, README.md)")
     return 0
