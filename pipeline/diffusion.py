@@ -1,9 +1,9 @@
 """Noise schedules, samplers and the training objective, on diffusers' schedulers.
 
 - ``make_train_scheduler``: the DDPM forward process (linear or cosine betas, T steps) saved with the model.
-- ``make_sampler`` / ``check_sampler``: any supported inference scheduler built from that config, with the
-  pitfalls either fixed (trailing spacing, x_0 clipping, ``lambda_min_clipped`` for DPM-Solver on cosine) or
-  refused with the fix named (docs/samplers.md has the matrix and the evidence).
+- ``make_sampler``: any supported inference scheduler built from that config, with the pitfalls either fixed
+  (trailing spacing, x_0 clipping, ``lambda_min_clipped`` for DPM-Solver on cosine) or refused with the fix
+  named by ``pipeline.sampler_checks.check_sampler`` (docs/samplers.md has the matrix and the evidence).
 - ``diffusion_loss``: the seed's simple epsilon-MSE, v-prediction, min-SNR-gamma weighting, and the Improved
   DDPM hybrid loss (``L_simple + L_vlb``) when the model learns its variance.
 """
@@ -24,8 +24,7 @@ from diffusers import (
 )
 
 from pipeline.config import DiffusionConfig
-
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+from pipeline.sampler_checks import BETA_SCHEDULES, COSINE_LAMBDA_MIN_CLIPPED, check_sampler
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,
@@ -35,12 +34,6 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
 }
-
-# DPM-Solver's log-SNR lambda must not reach the cosine schedule's clipped tail (diffusers docs, #3320).
-COSINE_LAMBDA_MIN_CLIPPED = -5.1
-
-# Options that re-space sigmas; on the cosine schedule they crash or misindex upstream (diffusers #12771).
-SIGMA_RESPACING = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
 
 def make_train_scheduler(cfg: DiffusionConfig, learned_variance: bool = False) -> DDPMScheduler:
@@ -77,47 +70,6 @@ def make_sampler(name: str, train_config: dict) -> SchedulerMixin:
     scheduler = SAMPLERS[name].from_config(train_config, **kwargs)
     check_sampler(scheduler)
     return scheduler
-
-
-def check_sampler(scheduler: SchedulerMixin) -> None:
-    """Refuse scheduler settings known to produce broken images, naming the fix (see docs/samplers.md)."""
-    config = scheduler.config
-    name = type(scheduler).__name__
-    if config.get("beta_schedule") != BETA_SCHEDULES["cosine"]:
-        return
-    if respaced := [option for option in SIGMA_RESPACING if config.get(option)]:
-        raise ValueError(
-            f"{name} with {respaced[0]}=True on the cosine schedule misindexes its timesteps (DPM-Solver, UniPC crash "
-            "at >= 5 steps, diffusers #12771) or starts at sigma_max ~2e4; drop that option or train on the linear schedule"
-        )
-    if isinstance(scheduler, EulerAncestralDiscreteScheduler):
-        raise ValueError(
-            "EulerAncestralDiscreteScheduler on the cosine schedule returns NaN at some step counts (float32 "
-            "cancellation in sigma_down at sigma_max ~2e4, diffusers #14213); use 'ddpm' (also ancestral) or 'dpmsolver++'"
-        )
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        if config.get("lambda_min_clipped", -math.inf) == -math.inf:
-            raise ValueError(
-                "DPMSolverMultistepScheduler on the cosine schedule needs lambda_min_clipped "
-                f"(e.g. {COSINE_LAMBDA_MIN_CLIPPED}); build it with pipeline.diffusion.make_sampler('dpmsolver++', ...)"
-            )
-        return  # lambda_min_clipped also keeps its first step away from sigma_max
-    if config.get("prediction_type") == "epsilon" and not _clips_x0(scheduler):
-        fix = (
-            "use 'ddpm', 'ddim', 'dpmsolver++' or 'unipc' (pipeline.diffusion.make_sampler), or train with v_prediction"
-            if isinstance(scheduler, EulerDiscreteScheduler)
-            else "set thresholding=True (or clip_sample=True), e.g. with pipeline.diffusion.make_sampler"
-        )
-        raise ValueError(
-            f"{name} without x_0 clipping on the cosine schedule with epsilon prediction multiplies the model's "
-            f"epsilon error by sigma_max ~2e4 in its first step (garbage images); {fix}"
-        )
-
-
-def _clips_x0(scheduler: SchedulerMixin) -> bool:
-    """Whether ``scheduler`` clips (or dynamically thresholds) its x_0 prediction to the data range."""
-    clip_sample = isinstance(scheduler, (DDPMScheduler, DDIMScheduler)) and scheduler.config.get("clip_sample")
-    return bool(clip_sample or scheduler.config.get("thresholding"))
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:

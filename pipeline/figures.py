@@ -156,16 +156,22 @@ def guidance_sweep(pipe: ConditionalDiffusionPipeline, out: str | Path, scales: 
 
 def read_scalars(run_dir: str | Path, tag: str = "train/loss") -> tuple[list[int], list[float]]:
     """Steps and values of a scalar from every TensorBoard event file under ``run_dir`` (sorted by step)."""
+    points = scalar_points(run_dir).get(tag, {})
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def scalar_points(run_dir: str | Path) -> dict[str, dict[int, float]]:
+    """Every scalar of every TensorBoard event file under ``run_dir``: tag -> {step: value}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    points: dict[int, float] = {}
+    points: dict[str, dict[int, float]] = {}
     for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            points.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    steps = sorted(points)
-    return steps, [points[s] for s in steps]
+        for tag in accumulator.Tags()["scalars"]:
+            points.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return points
 
 
 def training_minutes(run_dir: str | Path, tag: str = "train/loss") -> dict[int, float]:

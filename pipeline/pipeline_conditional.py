@@ -3,30 +3,37 @@
 >>> pipe = ConditionalDiffusionPipeline.from_pretrained("runs/quickstart/pipeline")
 >>> pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
 >>> images = pipe(class_labels=[3, "7"], guidance_scale=2.0, num_inference_steps=20).images
+
+Self-contained (torch and diffusers, and its relative imports): exports ship this file with the modules it
+imports, so that plain diffusers opens them (``pipeline.export``).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipeline.diffusion import check_sampler
-from pipeline.models.unet import ConditionalUNet
+from .models.unet import ConditionalUNet
+from .sampler_checks import check_sampler
 
-Labels = int | str | Sequence[int | str] | torch.Tensor
+Labels = int | str | Sequence[Any] | torch.Tensor
+StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
 
 
 @dataclass
 class ConditionalPipelineOutput(ImagePipelineOutput):
-    """``images`` as requested; ``class_labels`` (N,) the label of each; ``intermediates`` a list of the
-    predicted x_0 at each step, in ``output_type`` (only with ``return_intermediates=True``)."""
+    """``images`` as requested (``"latent"``: the final (N, C, H, W) sample in the model's [-1, 1] range);
+    ``class_labels`` (N,) the label of each; ``intermediates`` a list of the predicted x_0 at each step, in
+    ``output_type`` (only with ``return_intermediates=True``)."""
 
     class_labels: torch.Tensor | None = None
     intermediates: list | None = None
@@ -38,13 +45,51 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
     ``guidance_scale`` s follows diffusers: ``eps = eps_null + s * (eps_cond - eps_null)``; s = 1 is the
     plain conditional model, s > 1 strengthens the class. The seed paper and TeaPearce's
     Conditional_Diffusion_MNIST write ``eps = (1 + w) * eps_cond - w * eps_null``, so ``s = 1 + w``.
+
+    Args:
+        unet: a ``ConditionalUNet`` (typed ``ModelMixin``: plain diffusers loads the copy an export ships in
+            ``unet/unet.py``, a class of its own).
+        scheduler: the training (DDPM) scheduler, or any inference scheduler built from its config.
+
+    ``enable_attention_slicing`` does nothing here: the U-Net's attention runs on PyTorch's
+    ``scaled_dot_product_attention`` (memory-efficient kernels), which diffusers advises against slicing.
+    CPU offloading (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) works as in diffusers.
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: ConditionalUNet, scheduler: SchedulerMixin):
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> dict | tuple:
+        """``model_index.json`` as this class reads it. An export names the code it ships (``_class_name``
+        ``["pipeline_conditional", "ConditionalDiffusionPipeline"]``, ``unet`` ``["unet", "ConditionalUNet"]``) for
+        plain diffusers, which loads it with ``trust_remote_code=True``; this class and its own U-Net module
+        are used instead, so ``from_pretrained`` on this class needs no ``trust_remote_code``."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = cls.__name__
+            config["unet"] = [ConditionalUNet.__module__, ConditionalUNet.__name__]
+        return loaded
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the running (or last) call; a step callback may change it."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the running (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps."""
+        return self._interrupt
 
     @property
     def class_names(self) -> list[str]:
@@ -52,13 +97,9 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         return list(names) if names is not None else [str(i) for i in range(self.unet.config.num_classes)]
 
     def label_tensor(self, class_labels: Labels, num_images_per_label: int = 1) -> torch.Tensor:
-        """Labels given as ints, names, a mix, or a tensor -> (N * num_images_per_label,) int64, validated."""
-        if isinstance(class_labels, torch.Tensor):
-            items = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str, np.integer)):
-            items = [class_labels]
-        else:
-            items = list(class_labels)
+        """Labels given as ints, names, a mix, (nested) lists of them, or a tensor -> (N * num_images_per_label,)
+        int64, validated. Nested lists are flattened, as DiT does: diffusers' batch tests pass ``[[1], [1]]``."""
+        items = _flatten(class_labels)
         if not items:
             raise ValueError("class_labels is empty; pass at least one label")
         names = self.class_names
@@ -133,17 +174,27 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_intermediates: bool = False,
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ConditionalPipelineOutput | tuple:
         """Sample one image per (label, repeat).
 
         Args:
-            class_labels: int, class name, list of either, or a tensor of ints.
+            class_labels: int, class name, (nested) list of either, or a tensor of ints.
             num_images_per_label: images for each entry of ``class_labels``.
             guidance_scale: classifier-free guidance s (1.0 = none; needs a model trained with label dropout).
             num_inference_steps: denoising steps (default: 1000 for DDPMScheduler, 50 for the others).
-            generator: makes sampling deterministic.
-            output_type: ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) float in [0, 1], ``"pt"`` (N, C, H, W).
+            generator: makes sampling deterministic (a list: one generator per image).
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) float in [0, 1], ``"pt"`` (N, C, H, W),
+                ``"latent"`` (N, C, H, W) the final sample in the model's [-1, 1] range.
             return_intermediates: also return the predicted x_0 after every step.
+            latents: (N, C, H, W) initial noise to start from instead of drawing it from ``generator``
+                (N = number of labels x ``num_images_per_label``).
+            callback_on_step_end: called after every step as ``callback(pipe, i, t, callback_kwargs)`` with
+                ``callback_kwargs`` the tensors named in ``callback_on_step_end_tensor_inputs``; the dict it returns
+                replaces them (``"latents"``: the (N, C, H, W) sample x_t).
+            callback_on_step_end_tensor_inputs: a subset of ``_callback_tensor_inputs``.
         """
         labels = self.label_tensor(class_labels, num_images_per_label)
         self.check_guidance(guidance_scale)
@@ -151,24 +202,35 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             num_inference_steps = 1000 if isinstance(self.scheduler, DDPMScheduler) else 50
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type {output_type!r} unknown; use 'pil', 'np' or 'pt'")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} unknown; use 'pil', 'np', 'pt' or 'latent'")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if unknown := [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from {self._callback_tensor_inputs}")
         self.check_scheduler()
 
         config = self.unet.config
-        labels = labels.to(self.device)
+        device = self._execution_device
+        labels = labels.to(device)
         shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
-        # the sampler's state stays float32 whatever the model's dtype; only the model input is cast
-        sample = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        sample = sample * self.scheduler.init_noise_sigma
+        if latents is None:
+            # the sampler's state stays float32 whatever the model's dtype; only the model input is cast
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; {len(labels)} images of this model need {shape}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, len(self.scheduler.timesteps), False
         # only DDPMScheduler(variance_type="learned_range") reads the variance channels; the others get the mean's
         keeps_variance = isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type == "learned_range"
         step_kwargs = self._step_kwargs(generator)
         intermediates = []
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             model_input = self.scheduler.scale_model_input(sample, t)
-            output = self.predict_noise(model_input, t, labels, guidance_scale)
+            output = self.predict_noise(model_input, t, labels, self.guidance_scale)
             if not keeps_variance:
                 output = output[:, : config.in_channels]
             step = self.scheduler.step(output, t, sample, **step_kwargs)
@@ -178,7 +240,12 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                 if predicted is None:  # DPM-Solver and UniPC do not return it
                     predicted = self._predict_original(model_input, output[:, : config.in_channels], t)
                 intermediates.append(self._convert(predicted, output_type))
+            if callback_on_step_end is not None:
+                tensors = {"latents": sample}
+                returned = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
+                sample = returned.pop("latents", sample)
         images = self._convert(sample, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ConditionalPipelineOutput(images=images, class_labels=labels.cpu(), intermediates=intermediates or None)
@@ -202,8 +269,20 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         return (sample - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
 
     def _convert(self, sample: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
+        """(N, C, H, W) in the model's [-1, 1] range -> ``output_type``."""
+        if output_type == "latent":
+            return sample
         images = (sample.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return images.cpu()
         array = images.cpu().permute(0, 2, 3, 1).numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def _flatten(class_labels: Labels) -> list:
+    """The labels of ``class_labels`` in order: a tensor or array flattened, nested lists and tuples unpacked."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        return class_labels.reshape(-1).tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [item for entry in class_labels for item in _flatten(entry)]
+    return [class_labels]

@@ -28,6 +28,8 @@ from pipeline.checkpointing import EXIT_STOPPED_EARLY, StopSignal, replace_dir, 
 from pipeline.config import Config
 from pipeline.data import ImageData, ImageDataset, flip_where, keep_batch, load_image_data, to_model_range
 from pipeline.diffusion import diffusion_loss, make_sampler, make_train_scheduler
+from pipeline.export import save_export
+from pipeline.model_card import TrainingRecord
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
@@ -118,11 +120,12 @@ class StepDraws:
         )
 
 
-def export_pipeline(unet: ConditionalUNet, scheduler, output_dir: Path) -> Path:
-    """``save_pretrained`` into ``output_dir/pipeline`` through a temporary directory (never half-written)."""
+def export_pipeline(unet: ConditionalUNet, scheduler, output_dir: Path, record: TrainingRecord | None = None) -> Path:
+    """``save_pretrained`` into ``output_dir/pipeline`` through a temporary directory (never half-written), with the
+    code that opens it in plain diffusers and, given ``record``, a model card (``pipeline.export``)."""
     final = output_dir / "pipeline"
     build = output_dir / ".tmp-pipeline"
-    ConditionalDiffusionPipeline(unet=unet, scheduler=scheduler).save_pretrained(build)
+    save_export(ConditionalDiffusionPipeline(unet=unet, scheduler=scheduler), build, record)
     replace_dir(build, final)
     return final
 
@@ -291,7 +294,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             if finished or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints)
             if finished or stop_now or (t.export_every and step % t.export_every == 0):
-                export(accelerator, ema, raw_unet, noise_scheduler, output_dir)
+                record = TrainingRecord.of_this_process(cfg, step, progress.images_seen)
+                export(accelerator, ema, raw_unet, noise_scheduler, output_dir, record)
             if finished or stop_now:
                 done, stopped_early = True, not finished
                 reason = stop.received or ("max_minutes" if out_of_time else None)
@@ -320,9 +324,10 @@ def ema_unet(ema: EMAModel, unet: ConditionalUNet) -> ConditionalUNet:
     return copy.eval()
 
 
-def export(accelerator: Accelerator, ema: EMAModel, unet: ConditionalUNet, scheduler, output_dir: Path) -> None:
+def export(accelerator: Accelerator, ema: EMAModel, unet: ConditionalUNet, scheduler, output_dir: Path, record: TrainingRecord) -> None:
     if accelerator.is_main_process:
-        export_pipeline(ema_unet(ema, unet), scheduler, output_dir)
+        accelerator.get_tracker("tensorboard", unwrap=True).flush()  # the model card reads the last eval/* metrics
+        export_pipeline(ema_unet(ema, unet), scheduler, output_dir, record)
     accelerator.wait_for_everyone()
 
 

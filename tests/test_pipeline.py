@@ -138,6 +138,41 @@ def test_sampling_is_a_plain_scheduler_loop(pipe: ConditionalDiffusionPipeline) 
     assert torch.equal(sample(pipe, class_labels=labels), (x / 2 + 0.5).clamp(0, 1))
 
 
+def test_latents_argument_starts_from_the_given_noise(pipe: ConditionalDiffusionPipeline) -> None:
+    """The noise a seed draws, passed as ``latents``, gives that seed's images (DPM-Solver adds no noise later)."""
+    pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
+    noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    given = pipe(class_labels=[1, 7], latents=noise, num_inference_steps=STEPS, output_type="pt").images
+    assert torch.equal(given, sample(pipe))
+
+
+def test_latent_output_is_the_final_sample_in_model_range(pipe: ConditionalDiffusionPipeline) -> None:
+    latent = sample(pipe, output_type="latent")
+    assert torch.equal((latent / 2 + 0.5).clamp(0, 1), sample(pipe)) and latent.min() < 0
+
+
+def test_step_callback_sees_and_replaces_the_sample(pipe: ConditionalDiffusionPipeline) -> None:
+    steps = []
+
+    def zero_at_the_end(p: ConditionalDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        steps.append((i, tuple(tensors["latents"].shape)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == p.num_timesteps - 1 else tensors
+
+    images = sample(pipe, callback_on_step_end=zero_at_the_end, output_type="latent")
+    assert steps == [(i, (2, 1, 28, 28)) for i in range(STEPS)] and not images.any()
+    assert pipe.num_timesteps == STEPS and pipe.guidance_scale == 1.0
+
+
+def test_interrupt_skips_the_remaining_steps(pipe: ConditionalDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stop(p: ConditionalDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        p._interrupt = True
+        return tensors
+
+    spy = ForwardSpy(pipe.unet, monkeypatch)
+    sample(pipe, callback_on_step_end=stop)
+    assert len(spy.labels) == 1 and pipe.interrupt
+
+
 # --- classifier-free guidance ---------------------------------------------------------------------------------
 
 
@@ -203,6 +238,11 @@ def test_num_images_per_label_repeats_each_label(pipe: ConditionalDiffusionPipel
     assert pipe.label_tensor([5, "2"], num_images_per_label=3).tolist() == [5, 5, 5, 2, 2, 2]
 
 
+def test_nested_labels_are_flattened_as_in_dit(pipe: ConditionalDiffusionPipeline) -> None:
+    """diffusers' batch tests pass ``[[1], [1]]``; DiT reshapes its labels to (N,)."""
+    assert pipe.label_tensor([[1], [7, "3"], (np.int64(2),)]).tolist() == [1, 7, 3, 2]
+
+
 # --- save / load ----------------------------------------------------------------------------------------------
 
 
@@ -238,11 +278,15 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
         ({"class_labels": 1, "num_images_per_label": 0}, r"num_images_per_label must be >= 1, got 0"),
         ({"class_labels": 1, "num_inference_steps": 0}, r"num_inference_steps must be >= 1, got 0"),
         ({"class_labels": 1, "num_inference_steps": 1001}, r"cannot be larger than"),
-        ({"class_labels": 1, "output_type": "latent"}, r"output_type 'latent' unknown; use 'pil', 'np' or 'pt'"),
+        ({"class_labels": 1, "output_type": "jpeg"}, r"output_type 'jpeg' unknown; use 'pil', 'np', 'pt' or 'latent'"),
+        ({"class_labels": [1, 2], "latents": torch.zeros(1, 1, 28, 28)},
+         r"latents have shape \(1, 1, 28, 28\); 2 images of this model need \(2, 1, 28, 28\)"),
+        ({"class_labels": 1, "callback_on_step_end_tensor_inputs": ["noise"]},
+         r"callback_on_step_end_tensor_inputs \['noise'\] unknown; choose from \['latents'\]"),
         ({"class_labels": 1, "guidance_scale": -1.0}, r"guidance_scale must be >= 0, got -1\.0"),
     ],
     ids=["label-high", "label-negative", "unknown-name", "empty", "float", "float-tensor", "bool", "per-label",
-         "steps", "too-many-steps", "output-type", "negative-guidance"],
+         "steps", "too-many-steps", "output-type", "latents-shape", "callback-inputs", "negative-guidance"],
 )
 def test_bad_input_is_a_clear_value_error(pipe: ConditionalDiffusionPipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

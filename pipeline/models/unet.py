@@ -1,5 +1,7 @@
 """The seed paper's class-conditional U-Net, as a diffusers model (``save_pretrained``/``from_pretrained``).
 
+Self-contained (torch and diffusers only): exports ship this file as ``unet/unet.py``.
+
 Shapes: ``x_t`` (B, C, H, W), ``t`` (B,), ``y`` (B,) int64 with the null class ``num_classes`` for
 classifier-free guidance -> (B, C, H, W) (or (B, 2C, H, W) with a learned variance).
 
@@ -18,7 +20,6 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from einops import rearrange
 from torch import nn
 
 Conditioning = Literal["multiply", "add", "scale_shift"]
@@ -86,10 +87,12 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, height, width = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n d) h w -> three b n (h w) d", three=3, n=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(rearrange(out, "b n (h w) d -> b (n d) h w", h=height, w=width))
+        batch, channels, height, width = x.shape
+        # (B, 3C, H, W) -> 3 x (B, heads, H*W, C/heads)
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, height * width)
+        q, k, v = qkv.permute(1, 0, 2, 4, 3)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        return x + self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
 
 
 class ConditionalUNet(ModelMixin, ConfigMixin):

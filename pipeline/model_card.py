@@ -1,0 +1,142 @@
+"""The model card of an export: ``README.md`` in the style of diffusers' training examples (``save_model_card``)
+and the sample grid it shows (``samples.png``), written beside ``model_index.json``.
+
+The card has YAML metadata for the Hugging Face hub, the loading snippet (plain diffusers and this project),
+the data set, steps and images seen, the training command, the resolved config, and the last in-training
+evaluation metrics (``eval/*`` in the run's TensorBoard logs) if there are any.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import Config, _plain
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+
+GRID_FILE = "samples.png"
+GRID_PER_CLASS = 8
+# the hub's nearest task: it has no class-conditional image generation tag
+PIPELINE_TAG = "unconditional-image-generation"
+LICENSE = "apache-2.0"  # as diffusers' own training examples release their models
+TAGS = ("diffusers", "diffusers-training", "class-conditional", "ddpm", "classifier-free-guidance")
+
+
+@dataclass
+class TrainingRecord:
+    """What a model card says about the training that produced the export."""
+
+    config: Config
+    step: int
+    images_seen: int
+    run_dir: Path
+    command: str | None = None  # as launched; None when unknown (an export written after the run)
+
+    @classmethod
+    def of_run(cls, run_dir: Path, config: Config) -> TrainingRecord:
+        """A finished run's record from its ``status.json`` (the step; images seen = step x global batch)."""
+        status = run_dir / "status.json"
+        step = json.loads(status.read_text())["step"] if status.is_file() else 0
+        return cls(config=config, step=step, images_seen=step * config.train.batch_size, run_dir=run_dir)
+
+    @classmethod
+    def of_this_process(cls, config: Config, step: int, images_seen: int) -> TrainingRecord:
+        """The record of the training running in this process (its command line from ``sys.orig_argv``)."""
+        return cls(config=config, step=step, images_seen=images_seen, run_dir=Path(config.train.output_dir),
+                   command=shlex.join(sys.orig_argv))
+
+
+def write_model_card(pipe: ConditionalDiffusionPipeline, directory: Path, record: TrainingRecord) -> Path:
+    """Write ``directory/README.md`` and ``directory/samples.png`` (one row of samples per class). Returns the card."""
+    from pipeline.figures import class_grid
+
+    sample = record.config.sample
+    class_grid(pipe, directory / GRID_FILE, per_class=GRID_PER_CLASS, sample=sample, seed=record.config.train.seed)
+    card = directory / "README.md"
+    card.write_text(model_card_text(pipe, record, last_metrics(record.run_dir)))
+    return card
+
+
+def last_metrics(run_dir: Path) -> dict[str, tuple[int, float]]:
+    """The last value of every ``eval/*`` scalar in the run's TensorBoard logs: tag -> (step, value)."""
+    from pipeline.figures import scalar_points
+
+    points = scalar_points(run_dir / "tensorboard") if (run_dir / "tensorboard").is_dir() else {}
+    return {tag: (step := max(series), series[step]) for tag, series in sorted(points.items()) if tag.startswith("eval/")}
+
+
+def dataset_id(dataset: str) -> str:
+    """The data set's name for the hub metadata: a hub id as given, a local folder by its name."""
+    return Path(dataset).name if Path(dataset).is_absolute() or Path(dataset).exists() or dataset.startswith(".") else dataset
+
+
+def sampler_snippet(pipe: ConditionalDiffusionPipeline, sampler: str) -> tuple[str, str]:
+    """(scheduler class name, the diffusers line that installs the run's sampler with
+    ``pipeline.diffusion.make_sampler``'s settings)."""
+    from pipeline.diffusion import make_sampler
+
+    scheduler = make_sampler(sampler, dict(pipe.scheduler.config))
+    name = type(scheduler).__name__
+    default = type(scheduler).from_config(pipe.scheduler.config).config
+    changed = {key: value for key, value in scheduler.config.items() if not key.startswith("_") and default.get(key) != value}
+    arguments = "".join(f", {key}={value!r}" for key, value in sorted(changed.items()))
+    return name, f"pipe.scheduler = {name}.from_config(pipe.scheduler.config{arguments})"
+
+
+def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, metrics: dict[str, tuple[int, float]]) -> str:
+    """The card's Markdown (YAML front matter first)."""
+    cfg = record.config
+    unet = pipe.unet.config
+    dataset = dataset_id(cfg.data.dataset)
+    metadata = {"library_name": "diffusers", "pipeline_tag": PIPELINE_TAG, "license": LICENSE,
+                "tags": list(TAGS), "datasets": [dataset]}
+    guidance = cfg.sample.guidance_scale if pipe.unet.null_class is not None else 1.0
+    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    examples = pipe.class_names[:2]
+    scheduler_name, scheduler_line = sampler_snippet(pipe, cfg.sample.sampler)
+    lines = [
+        "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
+        f"# Class-conditional DDPM on {dataset}", "",
+        f"A class-conditional denoising diffusion model ({params:.2f} M-parameter U-Net with class embeddings, "
+        f"{cfg.diffusion.prediction_type} prediction, {cfg.diffusion.schedule} schedule, classifier-free guidance) "
+        f"generating {unet.sample_size}x{unet.sample_size} images of {unet.num_classes} classes: "
+        f"{', '.join(pipe.class_names)}.", "",
+        f"![samples]({GRID_FILE})", "",
+        f"One row per class, {GRID_PER_CLASS} samples each: {cfg.sample.sampler}, {cfg.sample.num_inference_steps} steps, "
+        f"guidance scale {guidance}, seed {cfg.train.seed}.", "",
+        "## Use it", "",
+        "With only `torch` and `diffusers` installed (the folder ships its code: `pipeline_conditional.py`, "
+        "`sampler_checks.py`, `models/unet.py` and `unet/unet.py`):", "",
+        "```python",
+        "import torch",
+        f"from diffusers import DiffusionPipeline, {scheduler_name}",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
+        scheduler_line + "  # the default is 1000-step DDPM",
+        f"images = pipe(class_labels={examples!r}, num_images_per_label=4, guidance_scale={guidance}, "
+        f"num_inference_steps={cfg.sample.num_inference_steps}, generator=torch.manual_seed(0)).images",
+        "```", "",
+        "`class_labels` takes class indices or names; `output_type` is `pil`, `np`, `pt` or `latent`. With this project "
+        "installed, `pipeline.ConditionalDiffusionPipeline.from_pretrained(folder)` opens it without `trust_remote_code`, "
+        "and `python -m pipeline.demo --pipeline folder` serves a web demo.", "",
+        "## Training", "",
+        f"- Data set: `{cfg.data.dataset}` (split `{cfg.data.split}`"
+        + (f", first {cfg.data.max_samples} images" if cfg.data.max_samples else "") + ")",
+        f"- Steps: {record.step} optimizer steps, {record.images_seen} images seen (global batch {cfg.train.batch_size})",
+        f"- Command: `{record.command}`" if record.command else "- Command: not recorded (exported after the run)",
+        "", "Resolved config (`python pipeline/train.py --config config.yaml` with this file repeats the run):", "",
+        "```yaml", yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).strip(), "```", "",
+        "## Evaluation", "",
+    ]
+    if metrics:
+        lines += ["Last in-training metrics (small N, EMA weights):", "", "| metric | value | step |", "|---|---|---|"]
+        lines += [f"| {tag} | {value:.4g} | {step} |" for tag, (step, value) in metrics.items()]
+    else:
+        lines.append("No in-training evaluation was logged (`train.eval_every` was off).")
+    return "\n".join(lines) + "\n"
+

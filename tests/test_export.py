@@ -1,0 +1,134 @@
+"""Exports open in plain diffusers (a subprocess where this package cannot be imported) and carry a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import DiffusionPipeline
+
+import pipeline.models.unet
+import pipeline.pipeline_conditional
+import pipeline.sampler_checks
+from pipeline.config import DiffusionConfig
+from pipeline.diffusion import make_train_scheduler
+from pipeline.export import ExportError, local_imports, save_export, shipped_files
+from pipeline.models.unet import ConditionalUNet
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from tests.factories import tiny_unet
+
+# Loads an export with plain diffusers in a process where this package (and einops, which it once needed)
+# cannot be imported, samples it and saves the images.
+PLAIN_DIFFUSERS = """
+import importlib.abc, sys
+
+class Unavailable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("pipeline", "einops"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, Unavailable())
+try:
+    import pipeline
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("the project is importable")
+
+import torch
+from diffusers import DiffusionPipeline
+
+folder, out = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+assert type(pipe).__module__.startswith("diffusers_modules."), type(pipe)
+assert type(pipe.unet).__module__.startswith("diffusers_modules."), type(pipe.unet)
+images = pipe(class_labels=[1, "7"], guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+torch.save(images, out)
+"""
+
+
+def project_samples(folder: Path) -> torch.Tensor:
+    pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(class_labels=[1, "7"], guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+
+
+def test_export_opens_in_plain_diffusers_and_samples_the_same(tiny_run: Path, tmp_path: Path) -> None:
+    folder = tiny_run / "pipeline"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "load.py"
+    script.write_text(PLAIN_DIFFUSERS)
+    result = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "images.pt")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Expected types" not in result.stderr  # diffusers' component type check passes
+    assert torch.equal(torch.load(tmp_path / "images.pt"), project_samples(folder))
+
+
+def test_export_ships_the_project_modules_and_names_them(tiny_run: Path) -> None:
+    folder = tiny_run / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_conditional", "ConditionalDiffusionPipeline"]
+    assert index["unet"] == ["unet", "ConditionalUNet"]
+    copies = {
+        "pipeline_conditional.py": pipeline.pipeline_conditional,
+        "sampler_checks.py": pipeline.sampler_checks,
+        "models/unet.py": pipeline.models.unet,
+        "unet/unet.py": pipeline.models.unet,
+    }
+    for relative, module in copies.items():
+        assert (folder / relative).read_bytes() == Path(module.__file__).read_bytes(), relative
+
+
+def test_project_class_loads_an_export_with_its_own_code(tiny_run: Path) -> None:
+    """No trust_remote_code: this package's classes, not the shipped copies; plain diffusers refuses without it."""
+    pipe = ConditionalDiffusionPipeline.from_pretrained(tiny_run / "pipeline")
+    assert type(pipe) is ConditionalDiffusionPipeline and type(pipe.unet) is ConditionalUNet
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tiny_run / "pipeline")
+
+
+def test_model_card(tiny_run: Path) -> None:
+    folder = tiny_run / "pipeline"
+    card = (folder / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front)
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert metadata["datasets"] == ["mnist"] and metadata["license"] and "class-conditional" in metadata["tags"]
+    assert (folder / "samples.png").stat().st_size > 0 and "![samples](samples.png)" in body
+    assert 'DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)' in body
+    assert "DPMSolverMultistepScheduler.from_config(pipe.scheduler.config" in body
+    assert "Steps: 12 optimizer steps, 192 images seen (global batch 16)" in body
+    config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
+    assert config == yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert "Command: `" in body and "No in-training evaluation" in body
+
+
+def test_modules_that_plain_diffusers_cannot_import_are_refused(tmp_path: Path) -> None:
+    module = tmp_path / "pipeline_x.py"
+    module.write_text("import torch\nfrom pipeline.config import Config\n")
+    with pytest.raises(ExportError, match=r"pipeline_x\.py imports pipeline\.config, which plain diffusers does not provide"):
+        local_imports(module)
+    module.write_text("from .helpers import f\n")
+    (tmp_path / "helpers.py").write_text("from .more import g\n")
+    with pytest.raises(ExportError, match=r"helpers\.py imports modules beside it"):
+        shipped_files(module)
+    module.write_text("from ..up import f\n")
+    with pytest.raises(ExportError, match=r"relative import \.\.up cannot be shipped"):
+        local_imports(module)
+
+
+def test_export_without_a_training_record_has_code_and_no_card(tmp_path: Path) -> None:
+    pipe = ConditionalDiffusionPipeline(unet=tiny_unet(), scheduler=make_train_scheduler(DiffusionConfig()))
+    save_export(pipe, tmp_path)
+    assert not (tmp_path / "README.md").exists() and (tmp_path / "unet" / "unet.py").is_file()
+    loaded = ConditionalDiffusionPipeline.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
