@@ -162,3 +162,9 @@ def test_evaluate_cli_end_to_end(tiny_run: Path, tmp_path: Path, capsys: pytest.
 def test_evaluate_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
     assert evaluation_main(["evaluate", "--dataset", "data/mnist", "--metrics", "accuracy,bogus"]) == 2
     assert "unknown metric(s) bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--per-class"])
+def test_evaluate_cli_refuses_zero_instead_of_replacing_it(flag: str, capsys: pytest.CaptureFixture) -> None:
+    assert evaluation_main(["evaluate", "--dataset", "data/mnist", flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -240,9 +240,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
         ({"class_labels": 1, "num_inference_steps": 1001}, r"cannot be larger than"),
         ({"class_labels": 1, "output_type": "latent"}, r"output_type 'latent' unknown; use 'pil', 'np' or 'pt'"),
         ({"class_labels": 1, "guidance_scale": -1.0}, r"guidance_scale must be >= 0, got -1\.0"),
+        ({"class_labels": 1, "guidance_scale": float("nan")}, r"guidance_scale must be finite, got nan"),
     ],
     ids=["label-high", "label-negative", "unknown-name", "empty", "float", "float-tensor", "bool", "per-label",
-         "steps", "too-many-steps", "output-type", "negative-guidance"],
+         "steps", "too-many-steps", "output-type", "negative-guidance", "nan-guidance"],
 )
 def test_bad_input_is_a_clear_value_error(pipe: ConditionalDiffusionPipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
