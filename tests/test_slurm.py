@@ -171,4 +171,4 @@ def test_a_crash_on_start_is_not_requeued(slurm_env: dict[str, str], tmp_path: P
         subprocess.run(["scancel", job.id], env=slurm_env)
     log = job.log()
     assert final == "FAILED", f"{final}\n{log[-3000:]}"
-    assert "requeueing" not in log and "SLURM_RESTART_COUNT" not in log and "[slurm] trainer failed" in log, log[-3000:]
+    assert "requeueing job" not in log and "SLURM_RESTART_COUNT" not in log and "[slurm] trainer failed" in log, log[-3000:]
