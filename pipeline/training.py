@@ -87,6 +87,13 @@ def make_loader(data: ImageData, micro_batch: int, seed: int, global_batch: int)
 
 def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
     """The U-Net for ``cfg.model`` at the data set's size, channels and classes."""
+    try:
+        return _unet(cfg, data)
+    except ValueError as error:  # the model's own checks of its config (sizes, heads): bad input
+        raise ConfigError(str(error)) from None
+
+
+def _unet(cfg: Config, data: ImageData) -> ConditionalUNet:
     m = cfg.model
     return ConditionalUNet(
         sample_size=data.size,
@@ -162,8 +169,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel, p
         raise ConfigError(f"checkpoint {checkpoint} cannot be loaded ({type(error).__name__}: {first_line}); "
                           "resume from another one") from None
     state = json.loads((checkpoint / LOOP_STATE_FILE).read_text())
-    shadow = load_file(checkpoint / EMA_FILE, device=str(accelerator.device))
-    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    shadow = load_file(checkpoint / EMA_FILE)  # to the CPU: safetensors refuses devices such as gloo ranks' "cpu:0"
+    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]})
     progress.load_state_dict(state["progress"])
 
 

@@ -126,9 +126,12 @@ def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(full_runs:
     assert_same_training(full_runs[1], tmp_path)
 
 
-def test_compile_and_channels_last_train_on_cpu_like_eager(full_runs: dict[int, Path], tmp_path: Path) -> None:
-    run_train(tmp_path, "--train.max_steps", str(STEPS), "--train.compile", "true", "--train.channels_last", "true")
-    compiled, eager = losses(tmp_path), losses(full_runs[1])
+def test_compile_and_channels_last_train_on_cpu_like_eager(tmp_path: Path) -> None:
+    # dropout 0: each dropout layer draws its mask outside the graph (exact, but a graph break per layer: minutes to compile)
+    run_train(tmp_path, "--train.max_steps", str(STEPS), "--train.compile", "true", "--train.channels_last", "true",
+              "--model.dropout", "0")
+    run_train(tmp_path / "eager", "--train.max_steps", str(STEPS), "--model.dropout", "0")
+    compiled, eager = losses(tmp_path), losses(tmp_path / "eager")
     assert compiled.keys() == eager.keys()
     assert all(compiled[step] == pytest.approx(eager[step], rel=1e-3) for step in eager)  # fused kernels round differently
     assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()

@@ -53,10 +53,14 @@ class PositionalDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or self.rows is None:
             return super().forward(x)
-        seed, rows, batch = self.rows
-        generator = torch.Generator(x.device).manual_seed(hash((seed, self.layer)) & 0x7FFF_FFFF_FFFF)
-        keep = torch.rand((batch, *x.shape[1:]), generator=generator, device=x.device)[rows] >= self.p
-        return x * keep / (1 - self.p)
+        return x * _keep_mask(*self.rows, self.layer, x.shape[1:], self.p, x.device) / (1 - self.p)
+
+
+@torch.compiler.disable  # drawn eagerly from its own generator: a compiled graph would use inductor's RNG instead
+def _keep_mask(seed: int, rows: slice, batch: int, layer: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The keep mask of ``rows`` of a (batch, *shape) global batch for dropout layer ``layer`` at step seed ``seed``."""
+    generator = torch.Generator(device).manual_seed(hash((seed, layer)) & 0x7FFF_FFFF_FFFF)
+    return torch.rand((batch, *shape), generator=generator, device=device)[rows] >= p
 
 
 class ResidualBlock(nn.Module):
