@@ -24,6 +24,7 @@ RUN pip install --no-cache-dir . \
 USER 1000:1000
 # Checkpoints, TensorBoard and exports (train.output_dir is runs/<name>); downloaded hub data sets.
 VOLUME ["/workspace/runs", "/home/app/.cache/huggingface"]
-# Many GPUs: torchrun passes `docker stop`'s SIGTERM on to the trainer, which checkpoints (run with --init).
-# One GPU: use launch/node.sh as the command; it runs python without accelerate's launcher in between.
-CMD ["accelerate", "launch", "pipeline/train.py", "--config", "configs/cifar10.yaml"]
+# launch/node.sh starts one process per GPU (torchrun passes `docker stop`'s SIGTERM on to the trainer, which
+# checkpoints; run with --init), and plain python for one. --resume latest: a restarted container continues
+# its run instead of being refused (a fresh start never mixes into a used runs/ folder).
+CMD ["launch/node.sh", "--config", "configs/cifar10.yaml", "--resume", "latest"]

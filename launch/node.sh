@@ -60,4 +60,17 @@ cmd+=(pipeline/train.py "$@")
 
 echo "[node $rank of $nodes: $per_node process(es) here, $procs in all] $(printf '%q ' "${cmd[@]}")"
 if [ "$dry_run" = 1 ]; then exit 0; fi
+if [ "$procs" -gt 1 ]; then
+  # Bad input is one line from rank 0 and exit 2; torchrun then adds a ChildFailedError traceback. Hold back
+  # a final traceback and drop it when every failed worker exited 2; any other traceback is printed whole.
+  exec "${cmd[@]}" 2> >(awk '
+    /^Traceback \(most recent call last\):/ && !held { held = 1 }
+    held { buffer = buffer $0 "\n"; next }
+    { print; fflush() }
+    END {
+      bad_input = buffer ~ /ChildFailedError/ && buffer ~ /exitcode +: 2 / && buffer !~ /exitcode +: (-|[013-9]|[0-9][0-9])/
+      if (bad_input) print "node.sh: a worker refused its input (the error above); launcher traceback omitted"
+      else printf "%s", buffer
+    }' >&2)
+fi
 exec "${cmd[@]}"  # exec: signals reach the launcher itself

@@ -1,25 +1,36 @@
-"""Crash-safe checkpoints and clean stops.
+"""Crash-safe, verifiable checkpoints and clean stops.
 
-A checkpoint is ``accelerator.save_state`` written into ``checkpoints/.tmp-step_N`` and renamed to
-``checkpoints/step_N`` only once every process has finished writing, so a crash, ``kill -9`` or preemption
-mid-write leaves the previous checkpoint as the latest complete one. ``StopSignal`` turns SIGUSR1/SIGTERM
-(SLURM's pre-timeout signal, preemption, Spot VM shutdown) into a flag that all ranks agree on.
+A checkpoint is ``accelerator.save_state`` (model as safetensors; optimizer, LR schedule and RNG states, which
+accelerate loads with ``weights_only=True``) plus the EMA weights (safetensors), the loop's own state and the
+resolved config (JSON, YAML), written into ``checkpoints/.tmp-step_N`` and renamed to ``checkpoints/step_N`` once
+every process has finished. Nothing is registered with ``register_for_checkpointing``, whose pickles accelerate
+loads with ``weights_only=False``: a checkpoint directory cannot run code. ``manifest.json`` (every file's size
+and SHA-256) is written last, so a directory without a valid one is incomplete or corrupt, and ``latest``
+falls back past it. ``StopSignal`` turns SIGUSR1/SIGTERM (SLURM's pre-timeout signal, preemption, Spot VM
+shutdown) into a flag that the training loop checks with its other cross-rank checks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import torch
 from accelerate import Accelerator
+
+from pipeline.config import ConfigError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+EXIT_DIVERGED = 3  # the loss or gradient norm stopped being finite; the last good checkpoint is kept
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL: stopped with a checkpoint; resume to continue
 
 
@@ -27,45 +38,105 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of unfinished writes are not listed)."""
+    """Checkpoint directories by name, oldest first (temporary directories of unfinished writes are not listed)."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)), key=checkpoint_step)
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """``latest`` -> newest complete checkpoint (or None if there is none); a path -> that checkpoint."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: the size and SHA-256 of every other file in ``directory``. Written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete, intact checkpoint, or None if its manifest matches every file."""
+    try:
+        listed = json.loads((directory / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete write)"
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {MANIFEST}"
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if present != set(listed):
+        return f"its files differ from {MANIFEST} ({', '.join(sorted(present ^ set(listed)))})"
+    for name, entry in listed.items():
+        path = directory / name
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            return f"{name} does not match {MANIFEST} (corrupt)"
+    return None
+
+
+def resolve_resume(output_dir: Path, resume: str | None, warn: Callable[[str], None]) -> Path | None:
+    """``latest`` -> the newest checkpoint with a valid manifest, warning about each newer one skipped (None if
+    the run has no checkpoint yet); a path -> that checkpoint, refused unless complete and intact."""
     if resume is None:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(found):
+            if (problem := manifest_problem(candidate)) is None:
+                return candidate
+            warn(f"warning: skipping checkpoint {candidate}: {problem}")
+        if found:
+            raise ConfigError(f"no checkpoint in {output_dir / 'checkpoints'} is complete; start over with --train.overwrite true "
+                              "(the old ones are moved aside, not deleted)")
+        return None
     path = Path(resume)
-    if not path.is_dir() or not (path / "custom_checkpoint_0.pkl").exists():
-        raise ValueError(f"--resume {resume}: not a checkpoint directory; pass 'latest' or a {output_dir}/checkpoints/step_N path")
+    if not path.is_dir() or not CHECKPOINT_PATTERN.match(path.name):
+        raise ConfigError(f"--resume {resume}: not a checkpoint directory; pass 'latest' or a {output_dir}/checkpoints/step_N path")
+    if problem := manifest_problem(path):
+        raise ConfigError(f"--resume {resume}: {problem}; pass 'latest' to take the newest complete checkpoint")
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """Write the full training state atomically and keep only the newest ``keep`` checkpoints."""
+def set_aside(output_dir: Path, paths: list[Path]) -> Path:
+    """Move ``paths`` (inside ``output_dir``) under ``output_dir/abandoned/<UTC time>/``, keeping their relative paths."""
+    target = output_dir / "abandoned" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for path in paths:
+        destination = target / path.relative_to(output_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, destination)
+    return target
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, write_extra: Callable[[Path], None]) -> Path:
+    """Write the full training state atomically: ``save_state``, then ``write_extra(directory)`` on the main process,
+    then the manifest. Then prune: of the checkpoints older than this one, keep the newest ``keep - 1``."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(TMP_PREFIX + final.name)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
+        write_extra(tmp)
+        write_manifest(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        for old in list_checkpoints(output_dir)[:-keep]:
+        older = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < step]
+        for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in final.parent.glob(TMP_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -73,11 +144,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     return final
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the directories themselves to disk before a rename publishes them."""
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
     _fsync_dir(root)
 
 
@@ -96,22 +170,22 @@ def replace_dir(build: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(build, final)
+    _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 class StopSignal:
-    """Records SIGUSR1/SIGTERM; ``agreed`` all-reduces the flag so every rank stops at the same step."""
+    """Records SIGUSR1/SIGTERM while installed; ``restore`` puts the previous handlers back."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received: str | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self, accelerator: Accelerator, local_stop: bool) -> bool:
-        flag = torch.tensor([1.0 if (local_stop or self.received) else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,17 @@ REFUSED_SAMPLERS = {
     ("euler_a", "cosine", "epsilon"): "it returns NaN at some step counts (diffusers #14213)",
     ("euler_a", "cosine", "v_prediction"): "it returns NaN at some step counts (diffusers #14213)",
 }
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): ``mixed_precision: no`` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 class ConfigError(ValueError):
@@ -105,7 +118,7 @@ class TrainConfig:
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float | None = _opt(1.0, "gradient clipping norm (none = off)")
+    max_grad_norm: float | None = _opt(1.0, "gradient clipping norm, > 0 (none = off)")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps")
     max_epochs: int | None = _opt(None, "stop after this many epochs")
     max_minutes: float | None = _opt(None, "stop (with a checkpoint, exit 75) after this wall time")
@@ -125,6 +138,7 @@ class TrainConfig:
     export_every: int | None = _opt(None, "steps between pipeline exports (one is always written at the end)")
     compile: bool = _opt(False, "torch.compile the U-Net")
     channels_last: bool = _opt(False, "channels_last memory format")
+    overwrite: bool = _opt(False, "start over where checkpoints exist (the old run is moved to abandoned/, not deleted)")
 
 
 @dataclass
@@ -229,7 +243,13 @@ def validate(cfg: Config) -> Config:
         (d.snr_gamma > 0, "diffusion.snr_gamma must be > 0"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-        (t.lr > 0, "train.lr must be > 0"),
+        (0 < t.lr < math.inf, "train.lr must be > 0 and finite"),
+        (0.0 <= t.adam_beta1 < 1.0 and 0.0 <= t.adam_beta2 < 1.0, "train.adam_beta1 and train.adam_beta2 must be in [0, 1)"),
+        (0 <= t.weight_decay < math.inf, "train.weight_decay must be >= 0 and finite"),
+        (t.max_grad_norm is None or 0 < t.max_grad_norm < math.inf, "train.max_grad_norm must be > 0 and finite, or none"),
+        (0 < t.ema_power < math.inf, "train.ema_power must be > 0 and finite"),
+        (t.seed >= 0, "train.seed must be >= 0"),
+        (cfg.data.max_samples is None or cfg.data.max_samples >= 1, "data.max_samples must be >= 1 or none"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
@@ -240,7 +260,7 @@ def validate(cfg: Config) -> Config:
         (t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs must be >= 1"),
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0"),
         (s.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
-        (s.guidance_scale >= 0, "sample.guidance_scale must be >= 0"),
+        (0 <= s.guidance_scale < math.inf, "sample.guidance_scale must be >= 0 and finite"),
     ]
     for every in ("sample_every", "eval_every", "checkpoint_every", "export_every"):
         value = getattr(t, every)
@@ -270,7 +290,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/mnist.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section, values in raw.items():

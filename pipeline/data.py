@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig, resolve_dataset_path
+from pipeline.config import ConfigError, DataConfig, resolve_dataset_path
 
 
 @dataclass
@@ -68,18 +68,21 @@ def _open(dataset: str, split: str) -> datasets.Dataset:
             loaded = datasets.load_from_disk(str(path))  # Dataset.save_to_disk / DatasetDict.save_to_disk output
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
-                    raise ValueError(f"split {split!r} not in {dataset!r}; available: {', '.join(loaded)}")
+                    raise ConfigError(f"split {split!r} not in {dataset!r}; available: {', '.join(loaded)}")
                 loaded = loaded[split]
             return loaded
         return datasets.load_dataset(source, split=split)
+    except ConfigError:
+        raise
     except ValueError as error:
         if "split" in str(error).lower() or "Unknown split" in str(error):
-            raise ValueError(f"data.split {split!r} not found in {dataset!r}: {error}") from None
+            raise ConfigError(f"data.split {split!r} not found in {dataset!r}: {error}") from None
         raise
-    except FileNotFoundError as error:
-        raise ValueError(
-            f"data.dataset {dataset!r} is neither a local path nor a reachable hub data set ({error}); "
-            "pass a directory of Parquet files, an imagefolder, save_to_disk output or a hub id"
+    except OSError as error:  # FileNotFoundError, and the hub's connection errors
+        raise ConfigError(
+            f"data.dataset {dataset!r} is neither a local path nor a reachable hub data set ({type(error).__name__}); "
+            "pass a local directory (Parquet files, an imagefolder or save_to_disk output), or a hub id that is "
+            "reachable or already cached (with HF_HUB_OFFLINE=1 only the cache is read)"
         ) from None
 
 
@@ -89,9 +92,9 @@ def _columns(ds: datasets.Dataset, cfg: DataConfig) -> tuple[str, str]:
     images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
     if cfg.image_column is not None:
         if cfg.image_column not in features:
-            raise ValueError(f"data.image_column {cfg.image_column!r} not in the data set; columns: {', '.join(names)}")
+            raise ConfigError(f"data.image_column {cfg.image_column!r} not in the data set; columns: {', '.join(names)}")
         if not isinstance(features[cfg.image_column], datasets.Image):
-            raise ValueError(
+            raise ConfigError(
                 f"data.image_column {cfg.image_column!r} is not an image column ({features[cfg.image_column]}); "
                 f"image columns: {', '.join(images) or 'none'}"
             )
@@ -99,15 +102,15 @@ def _columns(ds: datasets.Dataset, cfg: DataConfig) -> tuple[str, str]:
     elif images:
         image_column = images[0]
     else:
-        raise ValueError(f"no image column found among {', '.join(names)}; set data.image_column")
+        raise ConfigError(f"no image column found among {', '.join(names)}; set data.image_column")
     if cfg.label_column is not None:
         if cfg.label_column not in features:
-            raise ValueError(f"data.label_column {cfg.label_column!r} not in the data set; columns: {', '.join(names)}")
+            raise ConfigError(f"data.label_column {cfg.label_column!r} not in the data set; columns: {', '.join(names)}")
         label_column = cfg.label_column
     else:
         labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
         if not labels and "label" not in features:
-            raise ValueError(f"no label column found among {', '.join(names)}; set data.label_column")
+            raise ConfigError(f"no label column found among {', '.join(names)}; set data.label_column")
         label_column = labels[0] if labels else "label"
     return image_column, label_column
 
@@ -125,9 +128,13 @@ def load_image_data(cfg: DataConfig) -> ImageData:
     else:
         values = ds[label_column]
         if not all(isinstance(v, (int, np.integer)) for v in values[:100]):
-            raise ValueError(f"label column {label_column!r} must hold class indices or be a ClassLabel")
+            raise ConfigError(f"label column {label_column!r} must hold class indices or be a ClassLabel")
         labels = np.asarray(values, dtype=np.int64)
         class_names = [str(i) for i in range(int(labels.max()) + 1)]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        bad = int(((labels < 0) | (labels >= len(class_names))).sum())
+        raise ConfigError(f"{bad} labels in {label_column!r} are outside 0..{len(class_names) - 1} (e.g. -1 for "
+                          "'no label'); drop those rows from the data set, or set data.label_column")
     images = _decode(ds, image_column)
     return ImageData(torch.from_numpy(images), torch.from_numpy(labels), class_names)
 
@@ -136,13 +143,13 @@ def _decode(ds: datasets.Dataset, column: str) -> np.ndarray:
     arrays = ds.select_columns([column]).with_format("numpy")[:][column]
     if arrays.dtype == object:  # images of mixed sizes or modes
         shapes = {a.shape for a in arrays}
-        raise ValueError(f"images in {column!r} differ in size or mode ({sorted(shapes)[:3]}...); resize them to one size first")
+        raise ConfigError(f"images in {column!r} differ in size or mode ({sorted(shapes)[:3]}...); resize them to one size first")
     if arrays.ndim == 3:
         arrays = arrays[:, None]
     else:
         arrays = arrays.transpose(0, 3, 1, 2)
     if arrays.shape[-1] != arrays.shape[-2]:
-        raise ValueError(f"images must be square, got {arrays.shape[-2]}x{arrays.shape[-1]}")
+        raise ConfigError(f"images must be square, got {arrays.shape[-2]}x{arrays.shape[-1]}")
     return np.ascontiguousarray(arrays.astype(np.uint8))
 
 

@@ -11,6 +11,7 @@ imports, so that plain diffusers opens them (``pipeline.export``).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                 f"guidance_scale={guidance_scale} needs a null class, but this model was trained without one "
                 "(diffusion.p_uncond = 0); use guidance_scale=1.0 or retrain with p_uncond > 0"
             )
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
 

@@ -4,11 +4,13 @@
     python pipeline/train.py --config configs/quickstart-cpu.yaml
 
 Exit status: 0 when the step/epoch budget is done; 75 when stopped early (SIGUSR1/SIGTERM or
-train.max_minutes) with a checkpoint written, so a job script can requeue and resume; 2 for bad input.
+train.max_minutes) with a checkpoint written, so a job script can requeue and resume; 3 when the loss
+diverged (nothing non-finite is saved); 2 for bad input (config, data, checkpoint), one line from rank 0.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,28 +28,33 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         print(__doc__ + "\n" + USAGE + "\n\nOptions (override any config value):" + options_help())
         return 0
-    config_path = _pop(args, "--config")
-    resume = _pop(args, "--resume")
     try:
+        config_path = _pop(args, "--config")
+        resume = _pop(args, "--resume")
         cfg = load_config(config_path, args)
     except ConfigError as error:
-        print(f"error: {error}\n{USAGE}\n(--help lists every option)", file=sys.stderr)
-        return 2
+        return _bad_input(f"{error}\n{USAGE}\n(--help lists every option)")
     from pipeline.training import train  # heavy imports only after the arguments are known to be good
 
     try:
         return train(cfg, resume)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ConfigError as error:  # bad data or checkpoint; any other error at run time keeps its traceback
+        return _bad_input(str(error))
+
+
+def _bad_input(message: str) -> int:
+    """Print ``message`` once (rank 0 of a multi-process launch) and return exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def _pop(args: list[str], flag: str) -> str | None:
     """Remove ``flag value`` or ``flag=value`` from ``args`` and return the value."""
     for i, arg in enumerate(args):
         if arg == flag:
-            if i + 1 >= len(args):
-                raise SystemExit(f"error: {flag} needs a value\n{USAGE}")
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"{flag} needs a value")
             value = args[i + 1]
             del args[i : i + 2]
             return value

@@ -1,9 +1,9 @@
 """The training loop: Accelerate (DDP, bf16 autocast), diffusers EMA, TensorBoard, atomic checkpoints, resume.
 
-Everything random in a step (noise, timesteps, label dropout, flips, dropout) is drawn from generators seeded
-by ``(seed, step, micro-batch)``, and the noise of the whole global batch is drawn on every rank and sliced.
+Everything random in a step (noise, timesteps, label dropout, flips, dropout masks) is drawn for the whole
+global batch from generators seeded by ``(seed, step)`` on every rank, and each micro-batch takes its rows.
 So a run is a pure function of its config: a resumed run repeats an uninterrupted one bit for bit, and
-2 processes x batch B take the same step as 1 process x batch 2B.
+2 processes x batch B take the same step as 1 process x batch 2B, dropout included.
 """
 
 from __future__ import annotations
@@ -22,21 +22,32 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.checkpointing import EXIT_STOPPED_EARLY, StopSignal, replace_dir, resolve_resume, save_checkpoint
-from pipeline.config import Config
+from pipeline.checkpointing import (
+    EXIT_DIVERGED,
+    EXIT_STOPPED_EARLY,
+    StopSignal,
+    fsync_tree,
+    list_checkpoints,
+    replace_dir,
+    resolve_resume,
+    save_checkpoint,
+)
+from pipeline.config import Config, ConfigError, TrainConfig, load_config
 from pipeline.data import ImageData, ImageDataset, flip_where, keep_batch, load_image_data, to_model_range
 from pipeline.diffusion import diffusion_loss, make_sampler, make_train_scheduler
 from pipeline.export import save_export
 from pipeline.model_card import TrainingRecord
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.run_dir import RunLock, claim, save_start_config, write_status
 
 
 @dataclass
 class Progress:
-    """The loop's own state, saved in every checkpoint next to model, EMA, optimizer and LR schedule."""
+    """The loop's own state, saved in every checkpoint (JSON) next to model, EMA, optimizer and LR schedule."""
 
     step: int = 0
     images_seen: int = 0
@@ -79,6 +90,13 @@ def make_loader(data: ImageData, micro_batch: int, seed: int, global_batch: int)
 
 def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
     """The U-Net for ``cfg.model`` at the data set's size, channels and classes."""
+    try:
+        return _unet(cfg, data)
+    except ValueError as error:  # the model's own checks of its config (sizes, heads): bad input
+        raise ConfigError(str(error)) from None
+
+
+def _unet(cfg: Config, data: ImageData) -> ConditionalUNet:
     m = cfg.model
     return ConditionalUNet(
         sample_size=data.size,
@@ -121,18 +139,105 @@ class StepDraws:
 
 
 def export_pipeline(unet: ConditionalUNet, scheduler, output_dir: Path, record: TrainingRecord | None = None) -> Path:
-    """``save_pretrained`` into ``output_dir/pipeline`` through a temporary directory (never half-written), with the
-    code that opens it in plain diffusers and, given ``record``, a model card (``pipeline.export``)."""
+    """``save_pretrained`` into ``output_dir/pipeline`` through a temporary directory, flushed to disk before the swap
+    (never half-written), with the code that opens it in plain diffusers and, given ``record``, a model card
+    (``pipeline.export``)."""
     final = output_dir / "pipeline"
     build = output_dir / ".tmp-pipeline"
     save_export(ConditionalDiffusionPipeline(unet=unet, scheduler=scheduler), build, record)
+    fsync_tree(build)
     replace_dir(build, final)
     return final
 
 
+EMA_FILE = "ema.safetensors"
+LOOP_STATE_FILE = "loop_state.json"
+CONFIG_FILE = "config.yaml"
+
+
+def save_loop_state(directory: Path, ema: EMAModel, progress: Progress, cfg: Config) -> None:
+    """What ``save_state`` does not hold, without pickles: EMA weights (safetensors), EMA and loop counters (JSON),
+    and the resolved config (YAML) that resume compares against."""
+    save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)}, directory / EMA_FILE)
+    counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    (directory / LOOP_STATE_FILE).write_text(json.dumps({"progress": progress.state_dict(), "ema": counters}) + "\n")
+    cfg.save(directory / CONFIG_FILE)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel, progress: Progress) -> None:
+    """Model, optimizer, LR schedule and RNG through ``load_state`` (``weights_only=True``), then EMA and progress."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # e.g. an UnpicklingError: weights_only refused an object in an optimizer file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"checkpoint {checkpoint} cannot be loaded ({type(error).__name__}: {first_line}); "
+                          "resume from another one") from None
+    state = json.loads((checkpoint / LOOP_STATE_FILE).read_text())
+    shadow = load_file(checkpoint / EMA_FILE)  # to the CPU: safetensors refuses devices such as gloo ranks' "cpu:0"
+    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]})
+    progress.load_state_dict(state["progress"])
+
+
+# Changing these mid-run makes a different run, not a continuation: resume refuses them.
+FIXED_ON_RESUME = ("model.", "diffusion.", "data.", "train.batch_size", "train.seed")
+
+
+def resume_changes(saved: Config, cfg: Config) -> list[str]:
+    """The config keys that differ from the checkpoint's, as printable lines; ConfigError if any is fixed on resume.
+    (Processes and accumulation steps may change: the global batch's sample order and draws do not depend on them.)"""
+    old, new = _flatten(saved.to_dict()), _flatten(cfg.to_dict())
+    changed = [key for key in new if old.get(key) != new[key]]
+    if refused := [key for key in changed if key.startswith(FIXED_ON_RESUME)]:
+        diff = ", ".join(f"{key} {old.get(key)!r} -> {new[key]!r}" for key in refused)
+        raise ConfigError(f"resume refuses a changed {diff}: the checkpoint was trained with the former; "
+                          "resume with its values, or start a new run in another train.output_dir")
+    return [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def apply_optimisation(t: TrainConfig, optimizer: torch.optim.Optimizer, lr_scheduler, ema: EMAModel) -> None:
+    """Put this start's learning rate, AdamW and EMA settings into the states a checkpoint restored. The LR at the
+    current step is recomputed from the new peak and schedule (the schedule's shape comes from this config)."""
+    schedule = lr_scheduler.scheduler  # accelerate's wrapper around the LambdaLR
+    schedule.base_lrs = [t.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        group.update(initial_lr=t.lr, lr=t.lr * factor(schedule.last_epoch), betas=(t.adam_beta1, t.adam_beta2),
+                     weight_decay=t.weight_decay)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+    ema.decay, ema.use_ema_warmup, ema.power = t.ema_decay, t.ema_warmup, t.ema_power
+
+
+class FiniteGuard:
+    """The first step whose loss, gradient norm or weights were not finite, kept on the device: recording costs
+    no host sync; ``agree`` reads it, with the stop flag, across ranks every ``log_every`` steps and before saves."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, step: int, tensors: list[torch.Tensor]) -> None:
+        finite = torch.stack([torch.isfinite(x).all() for x in tensors]).all()
+        self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad, step)
+
+    def agree(self, accelerator: Accelerator, stop: bool) -> tuple[bool, int]:
+        """(any rank wants to stop, first non-finite step on any rank or 0)."""
+        local = torch.stack([torch.tensor(int(stop), device=self.first_bad.device), self.first_bad])
+        stops, bads = accelerator.gather(local[None]).view(-1, 2).T.tolist()
+        bad = [step for step in bads if step > 0]
+        return any(stops), min(bad) if bad else 0
+
+
 def train(cfg: Config, resume: str | None = None) -> int:
     """Run training to a stop condition. Returns 0 when the budget is done, 75 when stopped early with a
-    checkpoint (signal or ``max_minutes``), so a job script knows whether to requeue."""
+    checkpoint (signal or ``max_minutes``), so a job script knows whether to requeue, 3 when it diverged."""
     t = cfg.train
     output_dir = Path(t.output_dir)
     accelerator = Accelerator(
@@ -143,19 +248,39 @@ def train(cfg: Config, resume: str | None = None) -> int:
         step_scheduler_with_optimizer=False,  # one LR step per optimizer step, whatever the process count
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned batches, the copy overlaps compute
     )
+    lock = RunLock(output_dir) if accelerator.is_main_process else None
+    stop = StopSignal()
+    try:
+        if lock:
+            write_status(output_dir, "starting")  # first, so a crash from here on is not read as the last start's stop
+        return _train(cfg, resume, accelerator, stop)
+    finally:
+        stop.restore()
+        if lock:
+            lock.release()
+
+
+def _train(cfg: Config, resume: str | None, accelerator: Accelerator, stop: StopSignal) -> int:
+    t = cfg.train
+    output_dir = Path(t.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = world * t.gradient_accumulation_steps
     if t.batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size {t.batch_size} must be divisible by processes x accumulation steps = {per_step}; "
             f"use a multiple of {per_step}"
         )
     micro_batch = t.batch_size // per_step
-    stop = StopSignal()
+    checkpoint = resolve_resume(output_dir, resume, accelerator.print)
+    changes = resume_changes(load_config(checkpoint / CONFIG_FILE), cfg) if checkpoint else []
+    claim(output_dir, checkpoint, t.overwrite, move=False)
+    accelerator.wait_for_everyone()  # every rank has read the checkpoints before the main process moves any aside
+    if accelerator.is_main_process and (moved := claim(output_dir, checkpoint, t.overwrite, move=True)):
+        accelerator.print(moved)
 
     data = load_image_data(cfg.data)
     if len(data) < t.batch_size:
-        raise ValueError(f"the data set has {len(data)} images, fewer than train.batch_size {t.batch_size}")
+        raise ConfigError(f"the data set has {len(data)} images, fewer than train.batch_size {t.batch_size}")
     loader = make_loader(data, micro_batch, t.seed, t.batch_size)
     torch.manual_seed(t.seed)
     unet = build_unet(cfg, data)
@@ -170,7 +295,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
     max_steps = min(limits) if limits else None
     if max_steps is None and t.lr_schedule != "constant":
-        raise ValueError(f"train.lr_schedule {t.lr_schedule} needs a length: set train.max_steps or train.max_epochs")
+        raise ConfigError(f"train.lr_schedule {t.lr_schedule} needs a length: set train.max_steps or train.max_epochs")
     lr_scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps or 10**9)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     raw_unet: ConditionalUNet = accelerator.unwrap_model(unet)
@@ -181,17 +306,15 @@ def train(cfg: Config, resume: str | None = None) -> int:
     )
     ema.to(accelerator.device)
     progress = Progress()
-    accelerator.register_for_checkpointing(ema, progress)
-
-    checkpoint = resolve_resume(output_dir, resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+        load_checkpoint(accelerator, checkpoint, ema, progress)
+        apply_optimisation(t, optimizer, lr_scheduler, ema)
+        accelerator.print(f"resumed from {checkpoint} at step {progress.step}"
+                          + "".join(f"\n  config change applied: {line}" for line in changes))
     elif resume == "latest":
         accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(output_dir / "config.yaml")
+        save_start_config(cfg, output_dir, progress.step)
         write_status(output_dir, "running", progress.step)
     accelerator.init_trackers("train")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
@@ -215,7 +338,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         if t.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed(hash((t.seed, progress.step, micro, rank)) & 0x7FFF_FFFF)  # model dropout
+        raw_unet.set_dropout_rows(hash((t.seed, progress.step, 1)), mine, t.batch_size)
         with accelerator.autocast():
             prediction = model(noisy, timesteps, labels).sample
         loss = diffusion_loss(prediction, clean, noise, noisy, timesteps, noise_scheduler, cfg.diffusion)
@@ -232,11 +355,12 @@ def train(cfg: Config, resume: str | None = None) -> int:
     bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch log file gets a line every 30 s, not every step
     loss_sum = torch.zeros((), device=accelerator.device)
+    guard = FiniteGuard(accelerator.device)
     steps_since_log = 0
     grad_norm = None
     started = last_log = time.time()
     images_at_log = progress.images_seen
-    stopped_early = False
+    status = "finished"
     done = max_steps is not None and progress.step >= max_steps
     while not done:
         epoch, step_in_epoch = divmod(progress.step, steps_per_epoch)
@@ -264,8 +388,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
             steps_since_log += 1
             bar.update(1)
             step = progress.step
+            guard.record(step, [loss_sum] + ([grad_norm] if grad_norm is not None else []))
 
-            if step % t.log_every == 0:
+            if _due(step, t.log_every):
                 now = time.time()
                 logs = {
                     "train/loss": accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log,
@@ -285,36 +410,52 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 last_log, images_at_log = now, progress.images_seen
 
             finished = max_steps is not None and step >= max_steps
+            scheduled = [_due(step, every) for every in (t.checkpoint_every, t.export_every, t.sample_every, t.eval_every)]
+            if not (finished or _due(step, t.log_every) or any(scheduled)):
+                continue  # the cross-rank checks below sync with the host: only every log_every steps and before saves
+            guard.record(step, [*raw_unet.parameters(), *ema.shadow_params])
             out_of_time = t.max_minutes is not None and (time.time() - started) / 60 >= t.max_minutes
-            stop_now = stop.agreed(accelerator, out_of_time)
-            if t.sample_every and step % t.sample_every == 0:
+            stop_now, bad_step = guard.agree(accelerator, bool(stop.received) or out_of_time)
+            if bad_step:
+                report_divergence(accelerator, output_dir, bad_step)
+                done, status = True, "diverged"
+                break
+            if _due(step, t.sample_every):
                 log_samples(accelerator, ema, raw_unet, noise_scheduler, cfg, step, output_dir)
-            if t.eval_every and step % t.eval_every == 0:
+            if _due(step, t.eval_every):
                 log_metrics(accelerator, evaluator, ema, raw_unet, noise_scheduler, cfg, step)
-            if finished or stop_now or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints)
-            if finished or stop_now or (t.export_every and step % t.export_every == 0):
+            if finished or stop_now or _due(step, t.checkpoint_every):
+                save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints,
+                                lambda directory: save_loop_state(directory, ema, progress, cfg))
+            if finished or stop_now or _due(step, t.export_every):
                 record = TrainingRecord.of_this_process(cfg, step, progress.images_seen)
                 export(accelerator, ema, raw_unet, noise_scheduler, output_dir, record)
             if finished or stop_now:
-                done, stopped_early = True, not finished
-                reason = stop.received or ("max_minutes" if out_of_time else None)
-                if stopped_early:
+                done = True
+                if not finished:
+                    status = "stopped_early"
+                    reason = stop.received or ("max_minutes" if out_of_time else None)
                     accelerator.print(f"stopping early at step {step} ({reason}); checkpoint saved, resume with --resume latest")
                 break
     bar.close()
     accelerator.end_training()
     if accelerator.is_main_process:
-        write_status(output_dir, "stopped_early" if stopped_early else "finished", progress.step)
-    return EXIT_STOPPED_EARLY if stopped_early else 0
+        write_status(output_dir, status, progress.step)
+    return {"finished": 0, "stopped_early": EXIT_STOPPED_EARLY, "diverged": EXIT_DIVERGED}[status]
 
 
-def write_status(output_dir: Path, status: str, step: int) -> None:
-    """``<output_dir>/status.json``: running, finished or stopped_early (resume to continue). Job scripts read it
-    because ``accelerate launch`` reports any non-zero worker exit, 75 included, as 1."""
-    tmp = output_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "step": step}) + "\n")
-    os.replace(tmp, output_dir / "status.json")
+def _due(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+def report_divergence(accelerator: Accelerator, output_dir: Path, bad_step: int) -> None:
+    """One line on stderr naming the step and the last good checkpoint (nothing was saved after it)."""
+    if accelerator.is_main_process:
+        found = list_checkpoints(output_dir)
+        last_good = found[-1] if found else None
+        fix = f"resume with --resume {last_good}" if last_good else "start over with --train.overwrite true"
+        print(f"error: training diverged: the loss, gradient norm or weights are not finite at step {bad_step}; nothing "
+              f"was saved after it; last good checkpoint: {last_good or 'none'}; lower train.lr and {fix}", file=sys.stderr)
 
 
 def ema_unet(ema: EMAModel, unet: ConditionalUNet) -> ConditionalUNet:

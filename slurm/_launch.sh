@@ -12,11 +12,14 @@
 #   MAIN_PORT       rendezvous port on the first node; default: a free one
 #   VENV            virtual environment to activate first (when the job does not inherit one)
 #   LOG_DIR         where each start's log goes (default: slurm/logs, beside sbatch's own log)
+#   MAX_RESTARTS    requeue at most this many times (default 20), so a job cannot loop forever
 # Arguments: more config overrides for pipeline/train.py, e.g. --train.max_steps 1000.
 #
 # Exit: 0 when the step budget is done. On SIGUSR1 (#SBATCH --signal=B:USR1@...: time limit near)
 # the trainer checkpoints and the job requeues itself; the next start logs SLURM_RESTART_COUNT and
-# resumes. On SIGTERM (scancel, preemption) it checkpoints and stops without requeueing.
+# resumes. On SIGTERM (scancel, preemption) it checkpoints and stops without requeueing. It requeues
+# only after a clean early stop of this very start (exit 75, or status.json written since the start
+# says stopped_early), and at most MAX_RESTARTS times: a crash, a bad input or a divergence ends the job.
 
 : "${SLURM_JOB_ID:?submit with sbatch}" "${CONFIG:?}"
 if [ -n "${VENV:-}" ]; then
@@ -45,6 +48,7 @@ train=(--config "$CONFIG" --resume latest "${overrides[@]}")
 # The run directory as the trainer resolves it: its status.json tells "stopped early" apart from a crash.
 run_dir=$(python3 -c 'import sys; from pipeline.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).train.output_dir)' "$CONFIG" "${overrides[@]}" 2>/dev/null) || run_dir=""  # the trainer reports a bad config
+started=$(mktemp)  # status.json older than this is a previous start's
 echo "[slurm] job $SLURM_JOB_ID start $restart on $SLURM_JOB_NODELIST ($NUM_NODES nodes), main $MAIN_ADDR:$MAIN_PORT; $(date -Is)"
 
 # Trainer and torchrun both handle SIGTERM (torchrun passes it on to its workers and waits); SIGUSR1
@@ -74,11 +78,15 @@ done
 
 # Exit 75 is the trainer's "stopped early, checkpoint saved" (e.g. train.max_minutes). It reaches us from
 # a single process only (torchrun turns every worker failure into 1), so the run's status.json says it too.
-stopped_early() { [ "$rc" -eq 75 ] || grep -q '"stopped_early"' "$run_dir/status.json" 2>/dev/null; }
+stopped_early() {
+  [ "$rc" -eq 75 ] || { [ "$run_dir/status.json" -nt "$started" ] && grep -q '"stopped_early"' "$run_dir/status.json"; }
+}
 requeue=0
 if [ "$rc" -eq 0 ]; then
   echo "[slurm] training finished; $(date -Is)"
-elif [ "$signalled" = USR1 ] || { [ -z "$signalled" ] && stopped_early; }; then
+elif [ "$signalled" != TERM ] && stopped_early && [ "$restart" -ge "${MAX_RESTARTS:-20}" ]; then
+  echo "[slurm] stopped early, but start $restart reached MAX_RESTARTS=${MAX_RESTARTS:-20}: not requeueing; $(date -Is)"
+elif [ "$signalled" != TERM ] && stopped_early; then
   requeue=1
   echo "[slurm] trainer exited $rc after its checkpoint: requeueing job $SLURM_JOB_ID; $(date -Is)"
 elif [ -n "$signalled" ]; then
@@ -86,6 +94,7 @@ elif [ -n "$signalled" ]; then
 else
   echo "[slurm] trainer failed (exit $rc): not requeueing; $(date -Is)"
 fi
+rm -f "$started"
 exec 1>&3 2>&4  # end this start's log (tee) before the job ends
 wait "$tee_pid" || true
 if [ "$requeue" = 1 ]; then

@@ -79,9 +79,21 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
         ({"train.max_steps": 0}, r"train.max_steps must be >= 1"),
         ({"train.max_steps": "none"}, r"no stop condition: set train.max_steps, train.max_epochs or train.max_minutes"),
         ({"diffusion.schedule": "cosine", "sample.sampler": "euler"}, r"sample.sampler euler is refused .* use dpmsolver\+\+"),
+        ({"train.max_grad_norm": "nan"}, r"train.max_grad_norm must be > 0 and finite, or none"),
+        ({"train.max_grad_norm": -1}, r"train.max_grad_norm must be > 0 and finite, or none"),  # clipping would ascend
+        ({"train.lr": "inf"}, r"train.lr must be > 0 and finite"),
+        ({"train.weight_decay": -0.1}, r"train.weight_decay must be >= 0 and finite"),
+        ({"train.adam_beta1": 1.0}, r"train.adam_beta1 and train.adam_beta2 must be in \[0, 1\)"),
+        ({"train.adam_beta2": -0.5}, r"train.adam_beta1 and train.adam_beta2 must be in \[0, 1\)"),
+        ({"train.ema_power": 0}, r"train.ema_power must be > 0 and finite"),
+        ({"data.max_samples": 0}, r"data.max_samples must be >= 1 or none"),
+        ({"train.seed": -1}, r"train.seed must be >= 0"),
+        ({"sample.guidance_scale": "nan"}, r"sample.guidance_scale must be >= 0 and finite"),
+        ({"sample.guidance_scale": "inf"}, r"sample.guidance_scale must be >= 0 and finite"),
     ],
     ids=["key", "section", "not-dotted", "literal", "sampler", "bool", "int", "float-for-int", "bool-for-int", "none",
-         "list-item", "dropout", "p_uncond", "max_steps", "no-stop", "refused-sampler"],
+         "list-item", "dropout", "p_uncond", "max_steps", "no-stop", "refused-sampler", "grad-norm-nan", "grad-norm-negative",
+         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "seed", "guidance-nan", "guidance-inf"],
 )
 def test_bad_values_are_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -115,6 +127,13 @@ def test_bad_yaml_is_a_clear_error(tmp_path: Path, content: Any, message: str) -
     path = tmp_path / "run.yaml" if content is None else write_yaml(tmp_path / "run.yaml", content)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_yaml_no_is_the_string_where_a_string_is_expected(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  compile: no\n  channels_last: yes\n  max_steps: 5\n")
+    cfg = load_config(path)
+    assert (cfg.train.mixed_precision, cfg.train.compile, cfg.train.channels_last) == ("no", False, True)
 
 
 def test_config_errors_are_value_errors() -> None:

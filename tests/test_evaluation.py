@@ -191,6 +191,12 @@ def test_evaluate_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
     assert "unknown metric(s) bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--per-class"])
+def test_evaluate_cli_refuses_zero_instead_of_replacing_it(flag: str, capsys: pytest.CaptureFixture) -> None:
+    assert evaluation_main(["evaluate", "--dataset", "data/mnist", flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_training_logs_inception_fid_on_a_data_set_without_classifier(tmp_path: Path, mnist_path: Path) -> None:
     """``--train.eval_metrics fid`` needs no project classifier: a copy of MNIST under another name has none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -45,7 +45,8 @@ def test_dockerfile_passes_hadolint_and_keeps_its_promises() -> None:
     assert re.search(r"^RUN pip install --no-cache-dir \.", text, re.M)
     assert re.search(r"^USER 1000:1000$", text, re.M), "non-root"
     assert 'VOLUME ["/workspace/runs", "/home/app/.cache/huggingface"]' in text
-    assert 'CMD ["accelerate", "launch", "pipeline/train.py", "--config", "configs/cifar10.yaml"]' in text
+    # a restarted container resumes its run; without --resume latest it would be refused (or, before, mixed into it)
+    assert 'CMD ["launch/node.sh", "--config", "configs/cifar10.yaml", "--resume", "latest"]' in text
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -139,19 +140,44 @@ def test_create_vm_dry_run_spot_and_on_demand(no_cloud: dict[str, str]) -> None:
     assert "--provisioning-model" not in flags
 
 
+UPLOAD = [["gcloud", "storage", "rsync", "--recursive", r"--exclude=(^|/)\.tmp-|(^|/)\.lock$|manifest\.json$", "/var/lib/ddpm/runs/c10",
+           "gs://b/runs/c10"],
+          ["gcloud", "storage", "rsync", "--recursive", r"--exclude=^(?!checkpoints/step_\d{8}/manifest\.json$)", "/var/lib/ddpm/runs/c10",
+           "gs://b/runs/c10"]]
+VM_META = {"META_image": IMAGE, "META_run_name": "c10", "META_run_uri": "gs://b/runs/c10", "META_config": "configs/mnist.yaml",
+           "META_train_args": "--train.max_steps 10"}
+
+
 def test_vm_scripts_checkpoint_on_shutdown_and_resume_on_boot(no_cloud: dict[str, str]) -> None:
-    meta = {"META_image": IMAGE, "META_run_name": "c10", "META_run_uri": "gs://b/runs/c10", "META_config": "configs/mnist.yaml",
-            "META_train_args": "--train.max_steps 10"}
-    startup = dry_run("launch/gcp/vm_startup.sh", no_cloud, **meta)
-    assert ["gcloud", "storage", "rsync", "--recursive", "gs://b/runs/c10", "/var/lib/ddpm/runs/c10"] in startup  # restore
+    startup = dry_run("launch/gcp/vm_startup.sh", no_cloud, **VM_META)
     [run] = [c for c in startup if c[:2] == ["docker", "run"]]
     assert "--init" in run and "--gpus" in run
     assert run[run.index(IMAGE) + 1:] == ["launch/node.sh", "--config", "configs/mnist.yaml", "--train.output_dir", "runs/c10",
                                           "--resume", "latest", "--train.max_steps", "10"]
-    assert dry_run("launch/gcp/vm_shutdown.sh", no_cloud, **meta) == [
-        ["docker", "stop", "--time=20", "ddpm-train"],
-        ["gcloud", "storage", "rsync", "--recursive", "/var/lib/ddpm/runs/c10", "gs://b/runs/c10"],
-    ]
+    assert dry_run("launch/gcp/vm_shutdown.sh", no_cloud, **VM_META) == [["docker", "stop", "--time=20", "ddpm-train"], *UPLOAD]
+
+
+def test_vm_restore_skips_temporary_and_incomplete_checkpoints(no_cloud: dict[str, str], tmp_path: Path) -> None:
+    startup = dry_run("launch/gcp/vm_startup.sh", no_cloud, **VM_META)
+    restore = ["gcloud", "storage", "rsync", "--recursive", r"--exclude=(^|/)\.tmp-", "gs://b/runs/c10", "/var/lib/ddpm/runs/c10"]
+    [drop] = [c for c in startup if c[0] == "find"]
+    assert startup.index(restore) + 1 == startup.index(drop)
+    # the printed command itself, run on a restored copy: a checkpoint whose upload was cut short is dropped
+    for name, complete in (("step_00000003", True), ("step_00000006", False)):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / ("manifest.json" if complete else "model.safetensors")).touch()
+    subprocess.run([drop[0], str(tmp_path / "checkpoints"), *drop[2:]], check=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003"]
+
+
+@pytest.mark.parametrize(("trainer_exit", "powers_off"), [("0", True), ("1", True), ("2", True), ("3", True), ("75", False)])
+def test_vm_uploads_logs_then_manifests_and_powers_off_unless_stopped_early(no_cloud: dict[str, str], trainer_exit: str,
+                                                                            powers_off: bool) -> None:
+    startup = dry_run("launch/gcp/vm_startup.sh", no_cloud, **VM_META, TRAINER_EXIT=trainer_exit)
+    logs = next(i for i, c in enumerate(startup) if c[:3] == ["docker", "logs", "ddpm-train"])
+    assert startup[logs][3] == ">" and startup[logs][4].startswith("/var/lib/ddpm/runs/c10/logs/trainer-")
+    assert startup[logs + 1:logs + 3] == UPLOAD  # the log goes up with the run, manifests last
+    assert (["poweroff"] in startup) == powers_off
 
 
 def test_vertex_dry_run_prints_a_multi_node_job_spec(no_cloud: dict[str, str], tmp_path: Path) -> None:

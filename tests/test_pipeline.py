@@ -284,9 +284,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
         ({"class_labels": 1, "callback_on_step_end_tensor_inputs": ["noise"]},
          r"callback_on_step_end_tensor_inputs \['noise'\] unknown; choose from \['latents'\]"),
         ({"class_labels": 1, "guidance_scale": -1.0}, r"guidance_scale must be >= 0, got -1\.0"),
+        ({"class_labels": 1, "guidance_scale": float("nan")}, r"guidance_scale must be finite, got nan"),
     ],
     ids=["label-high", "label-negative", "unknown-name", "empty", "float", "float-tensor", "bool", "per-label",
-         "steps", "too-many-steps", "output-type", "latents-shape", "callback-inputs", "negative-guidance"],
+         "steps", "too-many-steps", "output-type", "latents-shape", "callback-inputs", "negative-guidance", "nan-guidance"],
 )
 def test_bad_input_is_a_clear_value_error(pipe: ConditionalDiffusionPipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -64,11 +64,11 @@ def slurm_env() -> Iterator[dict[str, str]]:
         subprocess.run([script, "stop"], capture_output=True)
 
 
-def submit(env: dict[str, str], job_dir: Path) -> Job:
+def submit(env: dict[str, str], job_dir: Path, overrides: list[str] = OVERRIDES) -> Job:
     """sbatch slurm/cifar.sh as a user would, with the resources cut to what the local cluster has."""
-    job_dir.mkdir(parents=True)
+    job_dir.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={job_dir}/%x-%j.out",
-           "slurm/cifar.sh", *OVERRIDES]
+           "slurm/cifar.sh", *overrides]
     job_env = {**env, "OUTPUT_DIR": str(job_dir / "run"), "LOG_DIR": str(job_dir / "logs")}
     out = subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, check=True).stdout
     return Job(out.strip().split(";")[0], job_dir)
@@ -153,3 +153,22 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(jobs: dict[str
     [uninterrupted] = losses_per_start(reference.run)
     assert [loss for _, loss in first + second] == pytest.approx([loss for _, loss in uninterrupted], rel=1e-6)
     assert (job.run / "checkpoints" / f"step_{STEPS:08d}").is_dir()
+
+
+def test_a_crash_on_start_is_not_requeued(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """The previous start stopped early (its status.json says so); this one crashes while loading the data. The
+    old job script read the stale status as a clean stop and requeued forever."""
+    broken = tmp_path / "broken-data"
+    broken.mkdir()
+    (broken / "train.parquet").write_bytes(b"not a parquet file")
+    job_dir = tmp_path / "job"
+    (job_dir / "run").mkdir(parents=True)
+    (job_dir / "run" / "status.json").write_text('{"status": "stopped_early", "step": 10}\n')
+    job = submit(slurm_env, job_dir, [*OVERRIDES, "--data.dataset", str(broken)])
+    try:
+        final = wait(slurm_env, job, timeout=240)
+    finally:
+        subprocess.run(["scancel", job.id], env=slurm_env)
+    log = job.log()
+    assert final == "FAILED", f"{final}\n{log[-3000:]}"
+    assert "requeueing job" not in log and "SLURM_RESTART_COUNT" not in log and "[slurm] trainer failed" in log, log[-3000:]

@@ -13,4 +13,7 @@ meta() {  # meta KEY: an attribute create_vm.sh set on the instance
 }
 
 run docker stop --time=20 ddpm-train  # SIGTERM, up to 20 s for the checkpoint, then SIGKILL
-run gcloud storage rsync --recursive "/var/lib/ddpm/runs/$(meta run-name)" "$(meta run-uri)"
+# As vm_startup.sh uploads: no temporary directories, then the manifests that mark checkpoints complete.
+run_dir=/var/lib/ddpm/runs/$(meta run-name)
+run gcloud storage rsync --recursive --exclude='(^|/)\.tmp-|(^|/)\.lock$|manifest\.json$' "$run_dir" "$(meta run-uri)"
+run gcloud storage rsync --recursive --exclude='^(?!checkpoints/step_\d{8}/manifest\.json$)' "$run_dir" "$(meta run-uri)"

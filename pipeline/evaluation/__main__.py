@@ -88,17 +88,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.sampling import saved_run_config
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--per-class", args.per_class)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
     sample = SampleConfig(
         sampler=args.sampler or cfg.sample.sampler,
-        num_inference_steps=args.steps or cfg.sample.num_inference_steps,
+        num_inference_steps=cfg.sample.num_inference_steps if args.steps is None else args.steps,
         guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
     )
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = None

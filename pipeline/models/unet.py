@@ -38,6 +38,32 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     return F.pad(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1), (0, dim % 2))
 
 
+class PositionalDropout(nn.Dropout):
+    """Dropout whose mask for a sample is a function of (step seed, layer, the sample's row in the global batch).
+
+    The trainer sets ``rows`` per micro-batch (``ConditionalUNet.set_dropout_rows``): every rank draws the masks of
+    the whole global batch from one generator and keeps its rows, so a step does not depend on how the batch is
+    split over processes and micro-batches. Without ``rows`` (any other use of the model) it is ``nn.Dropout``.
+    """
+
+    def __init__(self, p: float):
+        super().__init__(p)
+        self.layer = 0
+        self.rows: tuple[int, slice, int] | None = None  # (step seed, this micro-batch's rows, global batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.rows is None:
+            return super().forward(x)
+        return x * _keep_mask(*self.rows, self.layer, x.shape[1:], self.p, x.device) / (1 - self.p)
+
+
+@torch.compiler.disable  # drawn eagerly from its own generator: a compiled graph would use inductor's RNG instead
+def _keep_mask(seed: int, rows: slice, batch: int, layer: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The keep mask of ``rows`` of a (batch, *shape) global batch for dropout layer ``layer`` at step seed ``seed``."""
+    generator = torch.Generator(device).manual_seed(hash((seed, layer)) & 0x7FFF_FFFF_FFFF)
+    return torch.rand((batch, *shape), generator=generator, device=device)[rows] >= p
+
+
 class ResidualBlock(nn.Module):
     """norm-act-conv, mix in (t, c), norm-act-dropout-conv, plus a (1x1 where needed) skip."""
 
@@ -52,7 +78,7 @@ class ResidualBlock(nn.Module):
             self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
             self.class_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
         self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PositionalDropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable deep training
         nn.init.zeros_(self.conv2.bias)
@@ -192,6 +218,14 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        for layer, dropout_module in enumerate(m for m in self.modules() if isinstance(m, PositionalDropout)):
+            dropout_module.layer = layer
+
+    def set_dropout_rows(self, seed: int, rows: slice, batch: int) -> None:
+        """Draw dropout masks per global-batch row (``PositionalDropout``): step seed, this micro-batch's rows, global batch."""
+        for module in self.modules():
+            if isinstance(module, PositionalDropout):
+                module.rows = (seed, rows, batch)
 
     @property
     def null_class(self) -> int | None:
