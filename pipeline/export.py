@@ -101,10 +101,45 @@ def local_imports(module_file: Path) -> list[Path]:
     return files
 
 
+def publish(pipe: DiffusionPipeline, run_dir: Path, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None) -> None:
+    """A copy of a run's pipeline to commit or share: the self-contained export with its card in ``out``, the run's
+    ``config.yaml`` inside it (so evaluation and figures take the run's sampler, steps and guidance), the U-Net's
+    weights in float16 with ``half`` (``from_pretrained`` loads them as float32), and with ``evaluation`` (an
+    ``evaluate --out`` JSON) that file as ``metrics.json`` and its table at the end of the card."""
+    from pipeline.checkpointing import replace_dir
+    from pipeline.evaluation.metrics import markdown_table
+
+    build = out.parent / f".tmp-{out.name}"
+    save_export(pipe, build, record)
+    if half:  # after the card's sample grid, which a CPU draws in float32
+        pipe.unet.half().save_pretrained(str(build / "unet"))
+    shutil.copyfile(run_dir / "config.yaml", build / "config.yaml")
+    if evaluation is not None:
+        result = json.loads(evaluation.read_text())
+        shutil.copyfile(evaluation, build / "metrics.json")
+        sample = result["sample"]
+        reference = result["reference"]
+        card = build / "README.md"
+        card.write_text(card.read_text() + "\n" + "\n".join([
+            "## Measured", "",
+            f"`python -m pipeline.evaluation evaluate` ({result['per_class']} samples per class, {sample['sampler']} "
+            f"{sample['num_inference_steps']} steps, guidance {sample['guidance_scale']}; distances against the "
+            f"{reference['split']} split, {reference['max_samples'] or 'all'} images; {result.get('hardware', '')}; "
+            "`metrics.json` has every number):", "",
+            markdown_table(result["rows"]),
+        ]))
+    replace_dir(build, out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.export RUN_DIR``: rewrite ``RUN_DIR/pipeline`` as a self-contained export with a card."""
+    """``python -m pipeline.export RUN_DIR``: rewrite ``RUN_DIR/pipeline`` as a self-contained export with a card;
+    with ``--out DIR``, publish a copy there instead (``--half``, ``--evaluation``, ``--command``: see ``publish``)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=main.__doc__)
     parser.add_argument("run_dir", type=Path, help="a training run's output directory (pipeline/ and config.yaml)")
+    parser.add_argument("--out", type=Path, help="publish a copy here (e.g. data/pretrained/NAME) instead of rewriting RUN_DIR/pipeline")
+    parser.add_argument("--half", action="store_true", help="with --out: store the U-Net's weights in float16")
+    parser.add_argument("--evaluation", type=Path, help="with --out: an `evaluate --out` JSON to ship and show on the card")
+    parser.add_argument("--command", help="with --out: the training command to show on the card")
     args = parser.parse_args(argv)
     from pipeline.checkpointing import replace_dir
     from pipeline.evaluation.sampling import saved_run_config
@@ -114,8 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (folder / "model_index.json").is_file():
             raise ValueError(f"{folder} is not an exported pipeline (no model_index.json)")
+        if args.out is None and (args.half or args.evaluation or args.command):
+            raise ValueError("--half, --evaluation and --command go with --out (a published copy), not a rewrite of the run")
         record = TrainingRecord.of_run(args.run_dir, saved_run_config(folder))
+        record.command = args.command
         pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
+        if args.out is not None:
+            publish(pipe, args.run_dir, args.out, record, args.half, args.evaluation)
+            print(f"wrote {args.out} (self-contained, README.md{', float16 weights' if args.half else ''})")
+            return 0
         build = args.run_dir / ".tmp-pipeline"
         save_export(pipe, build, record)
     except ValueError as error:  # ConfigError and ExportError too

@@ -132,3 +132,26 @@ def test_export_without_a_training_record_has_code_and_no_card(tmp_path: Path) -
     assert not (tmp_path / "README.md").exists() and (tmp_path / "unet" / "unet.py").is_file()
     loaded = ConditionalDiffusionPipeline.from_pretrained(tmp_path)
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path, tmp_path: Path) -> None:
+    """``python -m pipeline.export RUN --out DIR --half --evaluation JSON``: what data/pretrained/ holds."""
+    from safetensors import safe_open
+
+    from pipeline.evaluation.__main__ import main as evaluation_main
+    from pipeline.export import main as export_main
+
+    evaluation = tmp_path / "evaluation.json"
+    assert evaluation_main(["evaluate", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "1", "--steps", "2",
+                            "--metrics", "accuracy", "--no-baselines", "--out", str(evaluation)]) == 0
+    out = tmp_path / "published"
+    assert export_main([str(tiny_run), "--out", str(out), "--half", "--evaluation", str(evaluation), "--command", "python x.py"]) == 0
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as stored:
+        assert {stored.get_slice(name).get_dtype() for name in stored.keys()} == {"F16"}
+    pipe = ConditionalDiffusionPipeline.from_pretrained(out)
+    assert pipe.unet.dtype == torch.float32
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(evaluation.read_text())
+    card = (out / "README.md").read_text()
+    assert "## Measured" in card and "| model | 10 |" in card and "`python x.py`" in card
+    assert (out / "config.yaml").is_file() and (tiny_run / "pipeline" / "model_index.json").is_file()  # the run is untouched
+    assert export_main([str(tiny_run), "--half"]) == 2  # --half without --out would rewrite the run's own export
