@@ -103,7 +103,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
         f"# Class-conditional DDPM on {dataset}", "",
         f"A class-conditional denoising diffusion model ({params:.2f} M-parameter U-Net with class embeddings, "
-        f"{cfg.diffusion.prediction_type} prediction, {cfg.diffusion.schedule} schedule, classifier-free guidance) "
+        f"{cfg.diffusion.prediction_type} objective, {cfg.diffusion.schedule} schedule, classifier-free guidance) "
         f"generating {unet.sample_size}x{unet.sample_size} images of {unet.num_classes} classes: "
         f"{', '.join(pipe.class_names)}.", "",
         f"![samples]({GRID_FILE})", "",
@@ -129,7 +129,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         + (f", first {cfg.data.max_samples} images" if cfg.data.max_samples else "") + ")",
         f"- Steps: {record.step} optimizer steps, {record.images_seen} images seen (global batch {cfg.train.batch_size})",
         f"- Command: `{record.command}`" if record.command else "- Command: not recorded (exported after the run)",
-        "", "Resolved config (`python pipeline/train.py --config config.yaml` with this file repeats the run):", "",
+        "", "Resolved config (the run's `config.yaml`; `python pipeline/train.py --config config.yaml` repeats the run):", "",
         "```yaml", yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).strip(), "```", "",
         "## Evaluation", "",
     ]

@@ -54,7 +54,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
 
     ``enable_attention_slicing`` does nothing here: the U-Net's attention runs on PyTorch's
     ``scaled_dot_product_attention`` (memory-efficient kernels), which diffusers advises against slicing.
-    CPU offloading (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) works as in diffusers.
+    Devices follow diffusers' offloading conventions (``_execution_device``, ``maybe_free_model_hooks``);
+    ``enable_model_cpu_offload`` is checked on a CPU, ``enable_sequential_cpu_offload`` there fails inside accelerate.
     """
 
     model_cpu_offload_seq = "unet"
