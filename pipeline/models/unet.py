@@ -52,16 +52,21 @@ class PositionalDropout(nn.Dropout):
         self.rows: tuple[int, slice, int] | None = None  # (step seed, this micro-batch's rows, global batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or self.rows is None:
-            return super().forward(x)
-        return x * _keep_mask(*self.rows, self.layer, x.shape[1:], self.p, x.device) / (1 - self.p)
+        if not self.training or self.p == 0:
+            return x
+        return _positional_dropout(self, x)
 
 
-@torch.compiler.disable  # drawn eagerly from its own generator: a compiled graph would use inductor's RNG instead
-def _keep_mask(seed: int, rows: slice, batch: int, layer: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The keep mask of ``rows`` of a (batch, *shape) global batch for dropout layer ``layer`` at step seed ``seed``."""
-    generator = torch.Generator(device).manual_seed(hash((seed, layer)) & 0x7FFF_FFFF_FFFF)
-    return torch.rand((batch, *shape), generator=generator, device=device)[rows] >= p
+# Outside torch.compile's graph: the mask comes from its own generator (a graph would use inductor's RNG), and
+# the per-step seed in ``rows`` is read here, so it is no guard that recompiles the graph every step.
+@torch.compiler.disable
+def _positional_dropout(module: PositionalDropout, x: torch.Tensor) -> torch.Tensor:
+    if module.rows is None:
+        return F.dropout(x, module.p, training=True)
+    seed, rows, batch = module.rows
+    generator = torch.Generator(x.device).manual_seed(hash((seed, module.layer)) & 0x7FFF_FFFF_FFFF)
+    keep = torch.rand((batch, *x.shape[1:]), generator=generator, device=x.device)[rows] >= module.p
+    return x * keep / (1 - module.p)
 
 
 class ResidualBlock(nn.Module):
