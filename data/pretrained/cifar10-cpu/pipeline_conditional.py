@@ -1,0 +1,292 @@
+"""Class-conditional sampling with classifier-free guidance, on any compatible diffusers scheduler.
+
+>>> pipe = ConditionalDiffusionPipeline.from_pretrained("runs/quickstart/pipeline")
+>>> pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
+>>> images = pipe(class_labels=[3, "7"], guidance_scale=2.0, num_inference_steps=20).images
+
+Self-contained (torch and diffusers, and its relative imports): exports ship this file with the modules it
+imports, so that plain diffusers opens them (``pipeline.export``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
+
+from .models.unet import ConditionalUNet
+from .sampler_checks import check_sampler
+
+Labels = int | str | Sequence[Any] | torch.Tensor
+StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
+
+
+@dataclass
+class ConditionalPipelineOutput(ImagePipelineOutput):
+    """``images`` as requested (``"latent"``: the final (N, C, H, W) sample in the model's [-1, 1] range);
+    ``class_labels`` (N,) the label of each; ``intermediates`` a list of the predicted x_0 at each step, in
+    ``output_type`` (only with ``return_intermediates=True``)."""
+
+    class_labels: torch.Tensor | None = None
+    intermediates: list | None = None
+
+
+class ConditionalDiffusionPipeline(DiffusionPipeline):
+    """Generate images of given classes with a ``ConditionalUNet`` and a scheduler.
+
+    ``guidance_scale`` s follows diffusers: ``eps = eps_null + s * (eps_cond - eps_null)``; s = 1 is the
+    plain conditional model, s > 1 strengthens the class. The seed paper and TeaPearce's
+    Conditional_Diffusion_MNIST write ``eps = (1 + w) * eps_cond - w * eps_null``, so ``s = 1 + w``.
+
+    Args:
+        unet: a ``ConditionalUNet`` (typed ``ModelMixin``: plain diffusers loads the copy an export ships in
+            ``unet/unet.py``, a class of its own).
+        scheduler: the training (DDPM) scheduler, or any inference scheduler built from its config.
+
+    ``enable_attention_slicing`` does nothing here: the U-Net's attention runs on PyTorch's
+    ``scaled_dot_product_attention`` (memory-efficient kernels), which diffusers advises against slicing.
+    Devices follow diffusers' offloading conventions (``_execution_device``, ``maybe_free_model_hooks``);
+    ``enable_model_cpu_offload`` is checked on a CPU, ``enable_sequential_cpu_offload`` there fails inside accelerate.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> dict | tuple:
+        """``model_index.json`` as this class reads it. An export names the code it ships (``_class_name``
+        ``["pipeline_conditional", "ConditionalDiffusionPipeline"]``, ``unet`` ``["unet", "ConditionalUNet"]``) for
+        plain diffusers, which loads it with ``trust_remote_code=True``; this class and its own U-Net module
+        are used instead, so ``from_pretrained`` on this class needs no ``trust_remote_code``."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = cls.__name__
+            config["unet"] = [ConditionalUNet.__module__, ConditionalUNet.__name__]
+        return loaded
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the running (or last) call; a step callback may change it."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the running (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps."""
+        return self._interrupt
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.unet.config.class_names
+        return list(names) if names is not None else [str(i) for i in range(self.unet.config.num_classes)]
+
+    def label_tensor(self, class_labels: Labels, num_images_per_label: int = 1) -> torch.Tensor:
+        """Labels given as ints, names, a mix, (nested) lists of them, or a tensor -> (N * num_images_per_label,)
+        int64, validated. Nested lists are flattened, as DiT does: diffusers' batch tests pass ``[[1], [1]]``."""
+        items = _flatten(class_labels)
+        if not items:
+            raise ValueError("class_labels is empty; pass at least one label")
+        names = self.class_names
+        num_classes = self.unet.config.num_classes
+        ids = []
+        for item in items:
+            if isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"unknown class name {item!r}; valid names: {', '.join(names)}")
+                ids.append(names.index(item))
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                if not 0 <= item < num_classes:
+                    raise ValueError(f"class label {item} out of range; valid labels are 0..{num_classes - 1}")
+                ids.append(int(item))
+            else:
+                raise ValueError(f"class label {item!r} must be an int in 0..{num_classes - 1} or one of {names}")
+        if num_images_per_label < 1:
+            raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
+        return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Raise ValueError unless this model can be sampled at ``guidance_scale``."""
+        if guidance_scale != 1.0 and self.unet.null_class is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a null class, but this model was trained without one "
+                "(diffusion.p_uncond = 0); use guidance_scale=1.0 or retrain with p_uncond > 0"
+            )
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+    def check_scheduler(self) -> None:
+        """Raise ValueError for a scheduler that is broken upstream or does not fit this model's output."""
+        check_sampler(self.scheduler)
+        variance_type = self.scheduler.config.get("variance_type")
+        if isinstance(self.scheduler, DDPMScheduler) and variance_type in ("learned", "learned_range"):
+            if not self.unet.config.learned_variance:
+                raise ValueError(
+                    f"the scheduler's variance_type={variance_type!r} needs a model trained with model.learned_variance=true; "
+                    "this one predicts no variance: use DDPMScheduler.from_config(config, variance_type='fixed_small')"
+                )
+            if variance_type == "learned":
+                raise ValueError(
+                    "the model's variance channels interpolate the log variance (Improved DDPM); "
+                    "use variance_type='learned_range', not 'learned'"
+                )
+
+    def predict_noise(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """The guided model output at one step, in float32; cond and null share one batched forward.
+
+        (B, C, H, W), scalar t, (B,) labels -> (B, C, H, W), or (B, 2C, H, W) with a learned variance
+        (the variance channels taken from the conditional half, as in GLIDE).
+        """
+        self.check_guidance(guidance_scale)
+        sample = sample.to(self.unet.dtype)
+        if guidance_scale == 1.0:
+            return self.unet(sample, t, labels).sample.float()
+        null = torch.full_like(labels, self.unet.null_class)
+        output = self.unet(torch.cat([sample, sample]), t, torch.cat([labels, null])).sample.float()
+        cond, uncond = output.chunk(2)
+        channels = sample.shape[1]
+        guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([guided, cond[:, channels:]], dim=1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Labels,
+        num_images_per_label: int = 1,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_intermediates: bool = False,
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> ConditionalPipelineOutput | tuple:
+        """Sample one image per (label, repeat).
+
+        Args:
+            class_labels: int, class name, (nested) list of either, or a tensor of ints.
+            num_images_per_label: images for each entry of ``class_labels``.
+            guidance_scale: classifier-free guidance s (1.0 = none; needs a model trained with label dropout).
+            num_inference_steps: denoising steps (default: 1000 for DDPMScheduler, 50 for the others).
+            generator: makes sampling deterministic (a list: one generator per image).
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) float in [0, 1], ``"pt"`` (N, C, H, W),
+                ``"latent"`` (N, C, H, W) the final sample in the model's [-1, 1] range.
+            return_intermediates: also return the predicted x_0 after every step.
+            latents: (N, C, H, W) initial noise to start from instead of drawing it from ``generator``
+                (N = number of labels x ``num_images_per_label``).
+            callback_on_step_end: called after every step as ``callback(pipe, i, t, callback_kwargs)`` with
+                ``callback_kwargs`` the tensors named in ``callback_on_step_end_tensor_inputs``; the dict it returns
+                replaces them (``"latents"``: the (N, C, H, W) sample x_t).
+            callback_on_step_end_tensor_inputs: a subset of ``_callback_tensor_inputs``.
+        """
+        labels = self.label_tensor(class_labels, num_images_per_label)
+        self.check_guidance(guidance_scale)
+        if num_inference_steps is None:
+            num_inference_steps = 1000 if isinstance(self.scheduler, DDPMScheduler) else 50
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} unknown; use 'pil', 'np', 'pt' or 'latent'")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if unknown := [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from {self._callback_tensor_inputs}")
+        self.check_scheduler()
+
+        config = self.unet.config
+        device = self._execution_device
+        labels = labels.to(device)
+        shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
+        if latents is None:
+            # the sampler's state stays float32 whatever the model's dtype; only the model input is cast
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; {len(labels)} images of this model need {shape}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, len(self.scheduler.timesteps), False
+        # only DDPMScheduler(variance_type="learned_range") reads the variance channels; the others get the mean's
+        keeps_variance = isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type == "learned_range"
+        step_kwargs = self._step_kwargs(generator)
+        intermediates = []
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
+            model_input = self.scheduler.scale_model_input(sample, t)
+            output = self.predict_noise(model_input, t, labels, self.guidance_scale)
+            if not keeps_variance:
+                output = output[:, : config.in_channels]
+            step = self.scheduler.step(output, t, sample, **step_kwargs)
+            sample = step.prev_sample
+            if return_intermediates:
+                predicted = getattr(step, "pred_original_sample", None)
+                if predicted is None:  # DPM-Solver and UniPC do not return it
+                    predicted = self._predict_original(model_input, output[:, : config.in_channels], t)
+                intermediates.append(self._convert(predicted, output_type))
+            if callback_on_step_end is not None:
+                tensors = {"latents": sample}
+                returned = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
+                sample = returned.pop("latents", sample)
+        images = self._convert(sample, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ConditionalPipelineOutput(images=images, class_labels=labels.cpu(), intermediates=intermediates or None)
+
+    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict:
+        """Keyword arguments of ``scheduler.step``: the generator where it takes one (UniPC does not), and for
+        DDIM the epsilon re-derived from the clipped x_0 (as GLIDE and guided-diffusion do): with the raw
+        epsilon, clipping drags MNIST's black background towards grey at every step (class accuracy of a
+        trained model drops from 0.40 to chance, docs/samplers.md)."""
+        parameters = inspect.signature(self.scheduler.step).parameters
+        kwargs: dict = {"generator": generator} if "generator" in parameters else {}
+        if "use_clipped_model_output" in parameters:
+            kwargs["use_clipped_model_output"] = True
+        return kwargs
+
+    def _predict_original(self, sample: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 from the (variance-preserving) model input and the epsilon or v prediction at integer step t."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(sample.device)[t.long()]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * output
+        return (sample - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+
+    def _convert(self, sample: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
+        """(N, C, H, W) in the model's [-1, 1] range -> ``output_type``."""
+        if output_type == "latent":
+            return sample
+        images = (sample.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images.cpu()
+        array = images.cpu().permute(0, 2, 3, 1).numpy()
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def _flatten(class_labels: Labels) -> list:
+    """The labels of ``class_labels`` in order: a tensor or array flattened, nested lists and tuples unpacked."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        return class_labels.reshape(-1).tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [item for entry in class_labels for item in _flatten(entry)]
+    return [class_labels]
