@@ -63,7 +63,8 @@ if [ "$dry_run" = 1 ]; then exit 0; fi
 if [ "$procs" -gt 1 ]; then
   # Bad input is one line from rank 0 and exit 2; torchrun then adds a ChildFailedError traceback. Hold back
   # a final traceback and drop it when every failed worker exited 2; any other traceback is printed whole.
-  exec "${cmd[@]}" 2> >(awk '
+  # The filter ignores USR1 and TERM (srun signals the whole step): were it to die, the launcher's stderr would break.
+  exec "${cmd[@]}" 2> >(trap '' USR1 TERM; exec awk '
     /^Traceback \(most recent call last\):/ && !held { held = 1 }
     held { buffer = buffer $0 "\n"; next }
     { print; fflush() }
