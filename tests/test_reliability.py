@@ -158,6 +158,14 @@ def test_labels_outside_the_classes_are_refused_at_load_time(tmp_path: Path) -> 
     assert "1 labels in 'label' are outside 0..9" in line
 
 
+def test_an_unreachable_hub_data_set_is_one_line_naming_the_fixes(tmp_path: Path) -> None:
+    """Offline (the tests run with HF_HUB_OFFLINE=1), a hub id that is not cached: one line naming a local path and
+    HF_HUB_OFFLINE, exit 2 (the old code let the hub client's ConnectionError through as a traceback)."""
+    line = run_bad(tmp_path / "run", "--data.dataset", "someone/no-such-dataset", "--train.max_steps", "1")
+    assert "'someone/no-such-dataset' is neither a local path nor a reachable hub data set" in line
+    assert "local directory" in line and "HF_HUB_OFFLINE=1" in line
+
+
 def test_train_restores_the_signal_handlers_it_replaced(tmp_path: Path) -> None:
     from pipeline.config import load_config
     from pipeline.training import train
