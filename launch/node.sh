@@ -69,7 +69,8 @@ if [ "$procs" -gt 1 ]; then
     held { buffer = buffer $0 "\n"; next }
     { print; fflush() }
     END {
-      bad_input = buffer ~ /ChildFailedError/ && buffer ~ /exitcode +: 2 / && buffer !~ /exitcode +: (-|[013-9]|[0-9][0-9])/
+      rest = buffer; gsub(/exitcode +: -15 /, "", rest)  # ranks torchrun itself stopped (SIGTERM) after the first failure
+      bad_input = buffer ~ /ChildFailedError/ && buffer ~ /exitcode +: 2 / && rest !~ /exitcode +: (-|[013-9]|[0-9][0-9])/
       if (bad_input) print "node.sh: a worker refused its input (the error above); launcher traceback omitted"
       else printf "%s", buffer
     }' >&2)
