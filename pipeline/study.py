@@ -122,7 +122,7 @@ def train_run(cfg: Config, launcher: str) -> float:
 
 def final_loss(run_dir: Path, last: int = 5) -> float | None:
     """Mean of the last ``last`` logged ``train/loss`` values (a loss at one step is too noisy)."""
-    from pipeline.figures import read_scalars
+    from pipeline.tensorboard_logs import read_scalars
 
     steps, values = read_scalars(run_dir, "train/loss")
     return float(sum(values[-last:]) / len(values[-last:])) if values else None
