@@ -17,11 +17,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -46,6 +48,9 @@ from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.run_dir import RunLock, claim, save_start_config, write_status
 from pipeline.sampling import sample_images
+
+if TYPE_CHECKING:  # imported when evaluation is asked for: it loads the data set's classifier
+    from pipeline.evaluation import Evaluator
 
 
 @dataclass
@@ -287,7 +292,7 @@ class Meter:
         self.logged_at, self.logged_step, self.logged_images = now, progress.step, progress.images_seen
 
 
-def train_step(accelerator: Accelerator, model: torch.nn.Module, unet: ConditionalUNet, noise_scheduler, cfg: Config,
+def train_step(accelerator: Accelerator, model: torch.nn.Module, unet: ConditionalUNet, noise_scheduler: DDPMScheduler, cfg: Config,
                draws: StepDraws, micro: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One micro-batch, (B, C, H, W) uint8 ``images`` and (B,) ``labels``: noise the images at random timesteps,
     predict with ``model`` (``unet`` as it trains), backprop. Returns the loss, detached.
@@ -501,7 +506,7 @@ def start_logs(accelerator: Accelerator, cfg: Config, progress: Progress, micro_
     )
 
 
-def make_evaluator(accelerator: Accelerator, cfg: Config):
+def make_evaluator(accelerator: Accelerator, cfg: Config) -> Evaluator | None:
     """The main process's ``Evaluator`` when ``train.eval_every`` is set, else None. Built at start: a data set
     without a classifier (for accuracy, cfid) fails now, not at the first evaluation."""
     if not (cfg.train.eval_every and accelerator.is_main_process):
@@ -600,7 +605,8 @@ def log_samples(
 
 
 @torch.no_grad()
-def log_metrics(accelerator: Accelerator, evaluator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config, step: int) -> None:
+def log_metrics(accelerator: Accelerator, evaluator: Evaluator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config,
+                step: int) -> None:
     """``train.eval_metrics`` of the EMA model (``eval/accuracy``, ``eval/cfid``, ``eval/fid`` in TensorBoard)."""
     if accelerator.is_main_process:
         from pipeline.evaluation import evaluate_for_training
