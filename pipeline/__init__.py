@@ -1,7 +1,8 @@
 """Class-conditional DDPM training and sampling on Hugging Face diffusers and Accelerate.
 
-Names are imported on first use, so the command-line tools can parse and reject arguments before the
-seconds it takes to import torch and diffusers.
+Names are imported on first use, so ``import pipeline`` costs nothing until one is used. ``pipeline.config``
+itself imports torch, diffusers and datasets: the sampler names and the default data set it declares are owned
+by ``pipeline.diffusion`` and ``pipeline.data``.
 """
 
 from __future__ import annotations

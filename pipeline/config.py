@@ -4,6 +4,16 @@ A run is described by a YAML file with the sections below, then overridden on th
 ``--section.key value`` (lists as ``1,2,2``; booleans as ``true``/``false``; ``none`` for unset). Unknown
 keys and ill-typed or out-of-range values fail at start with a message naming the key and the closest
 valid ones. ``python pipeline/train.py --help`` prints every option with its default and meaning.
+
+The dataclasses are decoded by draccus (the dataclass configuration library LeRobot uses): ``draccus.decode``
+builds the sections from nested mappings and ``draccus.encode`` gives what ``Config.save`` writes. The spellings
+above, and the "did you mean" for choices, are decoders registered with ``draccus.decode.register``, the
+library's extension point; they replace draccus' own for ``bool``, ``int``, ``float``, ``str``, tuples,
+``Literal`` and unions in this process (nothing else here uses draccus). Tried and not used: ``draccus.parse``
+reads command-line values as YAML 1.1 (``--train.mixed_precision no`` becomes False), iterates ``1,2,2`` as
+characters and exits with argparse's messages, so ``parse_overrides`` splits the command line and the YAML file
+is read with YAML 1.2 booleans here; OmegaConf 2.4 structured configs take these dataclasses but have no hook
+for the comma and ``none`` spellings; tyro was not tried.
 """
 
 from __future__ import annotations
@@ -14,23 +24,22 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import draccus
 import yaml
+from draccus.parsers.decoding import get_decoding_fn
+from draccus.utils import DecodingError, ParsingError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_MNIST = "data/mnist"
+from pipeline.data import EMBEDDED_MNIST
+from pipeline.data import PROJECT_ROOT as PROJECT_ROOT  # re-exported: the many `from pipeline.config import PROJECT_ROOT`
+from pipeline.diffusion import REFUSED_SAMPLERS, SamplerName
+from pipeline.errors import ConfigError as ConfigError  # re-exported: where every caller imports it from
 
-SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a"]
-# (sampler, schedule, prediction type) that pipeline.diffusion.check_sampler refuses (docs/samplers.md),
-# checked here too so a run fails at start, not at its first sample grid; tests keep the two in step.
-REFUSED_SAMPLERS = {
-    ("euler", "cosine", "epsilon"): "its first step multiplies the epsilon error by sigma_max ~2e4",
-    ("euler_a", "cosine", "epsilon"): "it returns NaN at some step counts (diffusers #14213)",
-    ("euler_a", "cosine", "v_prediction"): "it returns NaN at some step counts (diffusers #14213)",
-}
+T = TypeVar("T")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -44,11 +53,8 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names it and how to fix it."""
-
-
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A field with its ``--help`` text; tuple defaults get a factory like any other sequence."""
     if isinstance(default, (list, tuple, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -143,6 +149,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A run: one section per dataclass above, written ``--section.key`` on the command line."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,23 +158,16 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Sections as nested dicts, values as declared (tuples stay tuples)."""
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The YAML that ``load_config`` reads back to an equal Config (sections and keys in declaration order)."""
+        return yaml.safe_dump(draccus.encode(self), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        data = _plain(self.to_dict())
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _section_types() -> dict[str, type]:
-    return typing.get_type_hints(Config)
+        """Write ``to_yaml()`` to ``path`` (a run's ``config.yaml``, compared on resume)."""
+        Path(path).write_text(self.to_yaml())
 
 
 def _close(name: str, options: list[str]) -> str:
@@ -174,59 +175,97 @@ def _close(name: str, options: list[str]) -> str:
     return f"did you mean {', '.join(near)}?" if near else f"valid: {', '.join(options)}"
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Convert a YAML or command-line value to the field's declared type, or raise ConfigError."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; {_close(str(value), [str(a) for a in args])}")
-        return value
-    if origin in (tuple, list):
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            items = [items]
-        items = [i for i in items if not (isinstance(i, str) and i.strip() == "")]
-        return tuple(_coerce(key, i, args[0]) for i in items)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):  # YAML true/false would silently become 1/0
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+# The decoders below are registered with include_subclasses=True so that draccus passes them the declared type
+# and calls them for None too (its plain registrations turn None into None for any type).
+
+
+def _decode_bool(hint: type, raw: Any, path: Sequence[str]) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return raw.lower() in ("true", "yes", "1", "on")
+    raise DecodingError(path, f"expected true or false, got {raw!r}")
+
+
+def _decode_number(hint: type, raw: Any, path: Sequence[str]) -> int | float:
+    if isinstance(raw, bool):  # YAML true/false would silently become 1/0
+        raise DecodingError(path, f"expected {hint.__name__}, got {raw!r}")
+    try:
+        number = hint(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise DecodingError(path, f"expected {hint.__name__}, got {raw!r}") from None
+    if isinstance(raw, float) and number != raw:  # int(2.5) would silently truncate
+        raise DecodingError(path, f"expected an integer, got {raw!r}")
+    return number
+
+
+def _decode_str(hint: type, raw: Any, path: Sequence[str]) -> str:
+    if raw is None:
+        raise DecodingError(path, "expected a string")
+    return str(raw)
+
+
+def _decode_choice(hint: Any, raw: Any, path: Sequence[str]) -> Any:
+    choices = typing.get_args(hint)
+    if raw not in choices:
+        raise DecodingError(path, f"{raw!r} is not allowed; {_close(str(raw), [str(c) for c in choices])}")
+    return raw
+
+
+def _decode_tuple(hint: Any, raw: Any, path: Sequence[str]) -> tuple:
+    """``1,2,2`` (blank items dropped, so "" is empty), a YAML list, or one value."""
+    if isinstance(raw, str):
+        items: Sequence[Any] = [item.strip() for item in raw.split(",") if item.strip()]
+    else:
+        items = raw if isinstance(raw, (list, tuple)) else [raw]
+    decode_item = get_decoding_fn(typing.get_args(hint)[0])
+    return tuple(decode_item(item, path) for item in items)
+
+
+def _decode_union(hint: Any, raw: Any, path: Sequence[str]) -> Any:
+    """None for ``none``, ``null``, "" or YAML null where the type allows it, else the first member that decodes."""
+    members = [member for member in typing.get_args(hint) if member is not type(None)]
+    optional = len(members) < len(typing.get_args(hint))
+    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", ""))):
+        return None
+    for member in members[:-1]:
         try:
-            number = hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
-        if isinstance(value, float) and hint is int and value != int(value):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return number
-    if hint is str:
-        if value is None:
-            raise ConfigError(f"{key}: expected a string")
-        return str(value)
-    return value
+            return get_decoding_fn(member)(raw, path)
+        except DecodingError:
+            continue
+    return get_decoding_fn(members[-1])(raw, path)
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
-    sections = _section_types()
-    if section not in sections:
-        raise ConfigError(f"unknown config section {section!r}; {_close(section, list(sections))}")
-    cls = sections[section]
+for _type, _decoder in [(bool, _decode_bool), (int, _decode_number), (float, _decode_number), (str, _decode_str),
+                        (tuple, _decode_tuple), (Literal, _decode_choice), (typing.Union, _decode_union),
+                        (types.UnionType, _decode_union)]:
+    draccus.decode.register(_type, _decoder, include_subclasses=True)
+get_decoding_fn.cache_clear()  # draccus caches a decoder per type; none built before these registrations may stay
+
+
+def decode(cls: type[T], raw: dict[str, Any]) -> T:
+    """The dataclass ``cls`` from nested mappings (YAML sections), or a ConfigError naming the key and the fix."""
+    _check_keys(cls, raw)
+    try:
+        return draccus.decode(cls, raw)
+    except DecodingError as error:
+        raise ConfigError(f"{'.'.join(error.key_path)}: {error.message}" if error.key_path else error.message) from None
+    except ParsingError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_keys(cls: type, raw: dict[str, Any], prefix: str = "") -> None:
+    """Unknown keys with the closest known ones (draccus names only the unknown), sections that are not mappings."""
     hints = typing.get_type_hints(cls)
-    if key not in hints:
-        dotted = [f"{section}.{k}" for k in hints]
-        raise ConfigError(f"unknown config key '{section}.{key}'; {_close(f'{section}.{key}', dotted)}")
-    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, hints[key]))
+    kind = "section" if all(dataclasses.is_dataclass(hint) for hint in hints.values()) else "key"
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config {kind} {name!r}; {_close(name, [prefix + known for known in hints])}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"section {name!r} must be a mapping of key: value")
+            _check_keys(hints[key], value, f"{name}.")
 
 
 def validate(cfg: Config) -> Config:
@@ -278,6 +317,11 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_yaml(path: Path) -> Any:
+    """A config or study file, with YAML 1.2 booleans (only true/false) as described at ``_Yaml12Loader``."""
+    return yaml.load(path.read_text(), Loader=_Yaml12Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Build a Config from defaults, then a YAML file, then overrides.
 
@@ -285,26 +329,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         path: YAML file with any of the sections ``model``, ``diffusion``, ``data``, ``train``, ``sample``.
         overrides: ``["--train.lr", "1e-4", "--data.max_samples=512"]`` or ``{"train.lr": 1e-4}``.
     """
-    cfg = Config()
+    sections: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/mnist.yaml")
-        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
-            for key, value in values.items():
-                _apply(cfg, section, key, value)
+        sections = read_yaml(path) or {}
+        if not isinstance(sections, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(sections).__name__}")
+        try:
+            _check_keys(Config, sections)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for dotted, value in pairs.items():
         if "." not in dotted:
             raise ConfigError(f"override {dotted!r} must be section.key, e.g. train.lr")
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, value)
-    return validate(cfg)
+        sections.setdefault(section, {})[key] = value
+    return validate(decode(Config, sections))
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -331,7 +374,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 def options_help() -> str:
     """Every override with its type, default and meaning, for ``--help``."""
     lines = []
-    for section, cls in _section_types().items():
+    for section, cls in typing.get_type_hints(Config).items():
         lines.append(f"\n{section}: {cls.__doc__.strip()}")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -352,13 +395,3 @@ def _type_name(hint: Any) -> str:
     if origin in (tuple, list):
         return f"{_type_name(args[0])},..."
     return getattr(hint, "__name__", str(hint))
-
-
-def resolve_dataset_path(dataset: str) -> str:
-    """A path relative to the working directory, else to the project root (the embedded MNIST), else a hub id."""
-    if Path(dataset).exists():
-        return dataset
-    in_project = PROJECT_ROOT / dataset
-    if in_project.exists():
-        return str(in_project)
-    return dataset

@@ -10,12 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, DataConfig, resolve_dataset_path
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: pipeline.config imports this module for EMBEDDED_MNIST
+    from pipeline.config import DataConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The MNIST copy committed with the project (relative to PROJECT_ROOT): the data set when none is configured.
+EMBEDDED_MNIST = "data/mnist"
+
+
+def resolve_dataset_path(dataset: str) -> str:
+    """A path relative to the working directory, else to the project root (the embedded MNIST), else a hub id."""
+    if Path(dataset).exists():
+        return dataset
+    in_project = PROJECT_ROOT / dataset
+    if in_project.exists():
+        return str(in_project)
+    return dataset
 
 
 @dataclass

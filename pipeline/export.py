@@ -25,6 +25,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
+from pipeline.config import SampleConfig
 from pipeline.model_card import TrainingRecord, write_model_card
 
 # what a shipped module may import besides the standard library and the files shipped beside it
@@ -101,21 +102,24 @@ def local_imports(module_file: Path) -> list[Path]:
     return files
 
 
-def publish(pipe: DiffusionPipeline, run_dir: Path, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None) -> None:
+def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None) -> None:
     """A copy of a run's pipeline to commit or share: the self-contained export with its card in ``out``, the run's
-    ``config.yaml`` inside it (so evaluation and figures take the run's sampler, steps and guidance), the U-Net's
+    config as ``config.yaml`` inside it (so evaluation and figures take its sampler, steps and guidance), the U-Net's
     weights in float16 with ``half`` (``from_pretrained`` loads them as float32), and with ``evaluation`` (an
-    ``evaluate --out`` JSON) that file as ``metrics.json`` and its table at the end of the card."""
+    ``evaluate --out`` JSON) that file as ``metrics.json``, its table at the end of the card, and its sampler, steps
+    and guidance in the card, the sample grid and ``config.yaml``."""
     from pipeline.checkpointing import replace_dir
     from pipeline.evaluation.metrics import markdown_table
 
+    result = json.loads(evaluation.read_text()) if evaluation is not None else None
+    if result is not None:  # ship the sampling that was measured (a guidance chosen after training, say)
+        record.config.sample = SampleConfig(**result["sample"])
     build = out.parent / f".tmp-{out.name}"
     save_export(pipe, build, record)
     if half:  # after the card's sample grid, which a CPU draws in float32
         pipe.unet.half().save_pretrained(str(build / "unet"))
-    shutil.copyfile(run_dir / "config.yaml", build / "config.yaml")
-    if evaluation is not None:
-        result = json.loads(evaluation.read_text())
+    record.config.save(build / "config.yaml")
+    if result is not None:
         shutil.copyfile(evaluation, build / "metrics.json")
         sample = result["sample"]
         reference = result["reference"]
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         record.command = args.command
         pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
         if args.out is not None:
-            publish(pipe, args.run_dir, args.out, record, args.half, args.evaluation)
+            publish(pipe, args.out, record, args.half, args.evaluation)
             print(f"wrote {args.out} (self-contained, README.md{', float16 weights' if args.half else ''})")
             return 0
         build = args.run_dir / ".tmp-pipeline"

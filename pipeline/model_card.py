@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, _plain
+from pipeline.config import Config
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
 GRID_FILE = "samples.png"
@@ -129,7 +129,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         f"- Steps: {record.step} optimizer steps, {record.images_seen} images seen (global batch {cfg.train.batch_size})",
         f"- Command: `{record.command}`" if record.command else "- Command: not recorded (exported after the run)",
         "", "Resolved config (the run's `config.yaml`; `python pipeline/train.py --config config.yaml` repeats the run):", "",
-        "```yaml", yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).strip(), "```", "",
+        "```yaml", cfg.to_yaml().strip(), "```", "",
         "## Evaluation", "",
     ]
     if metrics:

@@ -16,6 +16,7 @@ with the same config (so an interrupted study resumes). The output directory get
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -24,27 +25,57 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import yaml
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, SampleConfig, load_config
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, SampleConfig, decode, load_config, read_yaml
+from pipeline.evaluation.metrics import METRICS
+from pipeline.evaluation.sampling import Precision
 
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiments"
+MetricName = Literal[METRICS]  # type: ignore[valid-type]
+
+
+@dataclass
+class Budget:
+    """What every run trains for; unset keeps the base config's stop conditions."""
+
+    steps: int | None = None  # optimizer steps (train.max_steps)
+    minutes: float | None = None  # wall minutes (train.max_minutes); the base's max_steps stays a cap
+
+
+@dataclass
+class Evaluation:
+    """How every run is scored (pipeline.evaluation.metrics; docs/evaluation.md)."""
+
+    per_class: int = 20  # samples per class
+    seed: int = 0  # of the sampling noise
+    ref_samples: Literal["all"] | int = 10_000  # train images the distances are measured against
+    mixed_precision: Precision = "auto"
+    metrics: tuple[MetricName, ...] = ("accuracy", "cfid")
+
+
+@dataclass
+class GuidanceSweep:
+    """The guidance scales to sample one run at, besides its own; no run means no sweep."""
+
+    run: str | None = None
+    scales: tuple[float, ...] = ()
 
 
 @dataclass
 class StudySet:
-    """A parsed set file; ``runs`` maps a run name to its overlays as ``{"section.key": value}`` dicts."""
+    """A set file's contents, decoded by ``pipeline.config.decode``; ``name`` is the file's stem and ``load_set``
+    turns each run's overlays (names or inline mappings) into ``{"section.key": value}`` dicts."""
 
     name: str
-    base: Path
-    budget: dict[str, float]
-    seeds: list[int]
-    evaluate: dict[str, Any]
-    runs: dict[str, list[dict[str, Any]]]
-    guidance_sweep: dict[str, Any] = field(default_factory=dict)
+    base: Path  # relative to the project root
+    runs: dict[str, list[Any]]
+    budget: Budget = field(default_factory=Budget)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    evaluate: Evaluation = field(default_factory=Evaluation)
+    guidance_sweep: GuidanceSweep = field(default_factory=GuidanceSweep)
 
 
 def flatten(sections: dict[str, Any], source: str) -> dict[str, Any]:
@@ -62,25 +93,28 @@ def load_overlay(item: str | dict, source: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in (EXPERIMENTS / "overlays").glob("*.yaml"))
         raise ConfigError(f"{source}: overlay {item!r} not found; known: {', '.join(known)}")
-    return flatten(yaml.safe_load(path.read_text()) or {}, str(path))
+    return flatten(read_yaml(path) or {}, str(path))
 
 
 def load_set(name: str) -> StudySet:
     """``configs/experiments/<name>.yaml`` (or a path) parsed and checked."""
     path = Path(name) if name.endswith(".yaml") else EXPERIMENTS / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if "runs" in (yaml.safe_load(p.read_text()) or {}))
+        known = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if "runs" in (read_yaml(p) or {}))
         raise ConfigError(f"study set {name!r} not found; known sets: {', '.join(known)}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"base", "budget", "seeds", "evaluate", "runs", "guidance_sweep"}
-    if unknown or "base" not in raw or not raw.get("runs"):
-        raise ConfigError(f"{path}: needs base and runs; unknown keys: {', '.join(sorted(unknown)) or 'none'}")
-    runs = {run: [load_overlay(item, f"{path}: run {run}") for item in (items or [])] for run, items in raw["runs"].items()}
-    sweep = raw.get("guidance_sweep") or {}
-    if sweep and sweep.get("run") not in runs:
-        raise ConfigError(f"{path}: guidance_sweep.run {sweep.get('run')!r} is not one of the runs {', '.join(runs)}")
-    return StudySet(path.stem, PROJECT_ROOT / raw["base"], raw.get("budget") or {}, list(raw.get("seeds") or [0]),
-                    raw.get("evaluate") or {}, runs, sweep)
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with base and runs, got {type(raw).__name__}")
+    try:
+        study_set = decode(StudySet, {**raw, "name": path.stem})
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    if not study_set.runs:
+        raise ConfigError(f"{path}: needs at least one run")
+    study_set.runs = {run: [load_overlay(item, f"{path}: run {run}") for item in items] for run, items in study_set.runs.items()}
+    if study_set.guidance_sweep.run not in (None, *study_set.runs):
+        raise ConfigError(f"{path}: guidance_sweep.run {study_set.guidance_sweep.run!r} is not one of the runs {', '.join(study_set.runs)}")
+    return study_set
 
 
 def run_config(study: StudySet, run: str, seed: int, runs_dir: Path) -> Config:
@@ -88,12 +122,12 @@ def run_config(study: StudySet, run: str, seed: int, runs_dir: Path) -> Config:
     overrides: dict[str, Any] = {}
     for overlay in study.runs[run]:
         overrides.update(overlay)
-    if "steps" in study.budget:
-        overrides["train.max_steps"] = study.budget["steps"]
-    if "minutes" in study.budget:  # the base's max_steps stays as a cap (and the length of its LR schedule)
-        overrides["train.max_minutes"] = study.budget["minutes"]
+    if study.budget.steps is not None:
+        overrides["train.max_steps"] = study.budget.steps
+    if study.budget.minutes is not None:  # the base's max_steps stays as a cap (and the length of its LR schedule)
+        overrides["train.max_minutes"] = study.budget.minutes
     overrides.update({"train.seed": seed, "train.output_dir": str(runs_dir / f"{run}-s{seed}")})
-    return load_config(study.base, overrides)
+    return load_config(PROJECT_ROOT / study.base, overrides)
 
 
 def train_run(cfg: Config, launcher: str) -> float:
@@ -134,9 +168,6 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
     ev = study_set.evaluate
-    per_class, seed_eval = int(ev.get("per_class", 20)), int(ev.get("seed", 0))
-    ref_samples = ev.get("ref_samples", 10_000)
-    precision = ev.get("mixed_precision", "auto")
     evaluators: dict[str, Evaluator] = {}
     rows, pipelines = [], {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,14 +181,15 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
                 train_s = train_run(cfg, launcher)
             dataset = cfg.data.dataset
             if dataset not in evaluators:
-                reference = DataConfig(dataset=dataset, split="train", max_samples=None if ref_samples == "all" else int(ref_samples))
-                evaluators[dataset] = Evaluator(dataset, tuple(ev.get("metrics", ("accuracy", "cfid"))), reference=reference, device=device)
+                reference = DataConfig(dataset=dataset, split="train", max_samples=None if ev.ref_samples == "all" else ev.ref_samples)
+                evaluators[dataset] = Evaluator(dataset, ev.metrics, reference=reference, device=device)
             pipe = ConditionalDiffusionPipeline.from_pretrained(str(run_dir / "pipeline")).to(device)
             pipelines[(run, seed)] = (pipe, cfg)
-            scales = study_set.guidance_sweep.get("scales", []) if study_set.guidance_sweep.get("run") == run else []
+            scales = study_set.guidance_sweep.scales if study_set.guidance_sweep.run == run else ()
             for scale in [cfg.sample.guidance_scale, *[s for s in scales if s != cfg.sample.guidance_scale]]:
                 sample = SampleConfig(cfg.sample.sampler, cfg.sample.num_inference_steps, scale)
-                result = evaluate(pipe, evaluators[dataset], per_class, sample, seed_eval, mixed_precision=precision, baselines=False)
+                result = evaluate(pipe, evaluators[dataset], ev.per_class, sample, ev.seed, mixed_precision=ev.mixed_precision,
+                                  baselines=False)
                 row = {k: v for k, v in result["rows"][0].items() if k != "name"}
                 rows.append({"run": run, "seed": seed, "guidance": scale, **row, "final_loss": final_loss(run_dir),
                              "train_s": round(train_s, 1), "params_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 3),
@@ -165,9 +197,10 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
                 shown = {k: v for k, v in rows[-1].items() if k != "per_class_accuracy"}
                 print(f"[study] {run}-s{seed} guidance {scale}: {json.dumps(shown)}", flush=True)
     for dataset, evaluator in evaluators.items():
-        for row in evaluate(None, evaluator, per_class, seed=seed_eval)["rows"]:
+        for row in evaluate(None, evaluator, ev.per_class, seed=ev.seed)["rows"]:
             rows.append({"run": row.pop("name"), "dataset": dataset, **row})
-    result = {"set": study_set.name, "budget": study_set.budget, "seeds": study_set.seeds, "evaluate": ev,
+    budget = {key: value for key, value in dataclasses.asdict(study_set.budget).items() if value is not None}
+    result = {"set": study_set.name, "budget": budget, "seeds": study_set.seeds, "evaluate": dataclasses.asdict(ev),
               "hardware": hardware(), "launcher": launcher, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -201,9 +234,9 @@ def draw(study_set: StudySet, pipelines: dict, runs_dir: Path, out: Path) -> Non
         figures.class_grid(pipe, out / f"samples-{run}-s{seed}.png", per_class=8, sample=cfg.sample, seed=0,
                            title=f"{run} (seed {seed})")
     sweep = study_set.guidance_sweep
-    if sweep:
-        pipe, cfg = pipelines[(sweep["run"], study_set.seeds[0])]
-        figures.guidance_sweep(pipe, out / "guidance.png", scales=sweep["scales"], sample=cfg.sample, seed=0)
+    if sweep.run is not None:
+        pipe, cfg = pipelines[(sweep.run, study_set.seeds[0])]
+        figures.guidance_sweep(pipe, out / "guidance.png", scales=sweep.scales, sample=cfg.sample, seed=0)
     pipe, cfg = next(iter(pipelines.values()))
     figures.reverse_process(pipe, out / "reverse.png", cfg.sample)
     figures.forward_noising(figures.class_examples(cfg.data.dataset), out / "forward.png")
@@ -226,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study_set = load_set(args.set)
         if args.budget_steps or args.budget_minutes:
-            study_set.budget = {"steps": args.budget_steps} if args.budget_steps else {"minutes": args.budget_minutes}
+            study_set.budget = Budget(steps=args.budget_steps) if args.budget_steps else Budget(minutes=args.budget_minutes)
         if args.per_class:
-            study_set.evaluate["per_class"] = args.per_class
+            study_set.evaluate.per_class = args.per_class
         if args.seeds:
             study_set.seeds = [int(s) for s in args.seeds.split(",")]
         if args.runs:
@@ -236,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown := [r for r in chosen if r not in study_set.runs]:
                 raise ConfigError(f"unknown run(s) {', '.join(unknown)}; the set has {', '.join(study_set.runs)}")
             study_set.runs = {r: study_set.runs[r] for r in chosen}
-            if study_set.guidance_sweep.get("run") not in study_set.runs:
-                study_set.guidance_sweep = {}
+            if study_set.guidance_sweep.run not in study_set.runs:
+                study_set.guidance_sweep = GuidanceSweep()
         out = Path(args.out or PROJECT_ROOT / "docs" / "study" / study_set.name)
         runs_dir = Path(args.runs_dir or PROJECT_ROOT / "runs" / "study" / study_set.name)
         study(study_set, out, runs_dir, args.launcher, args.report_only)

@@ -10,6 +10,7 @@ diverged (nothing non-finite is saved); 2 for bad input (config, data, checkpoin
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -28,16 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         print(__doc__ + "\n" + USAGE + "\n\nOptions (override any config value):" + options_help())
         return 0
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    flags.add_argument("--config")
+    flags.add_argument("--resume")
     try:
-        config_path = _pop(args, "--config")
-        resume = _pop(args, "--resume")
-        cfg = load_config(config_path, args)
+        try:
+            known, overrides = flags.parse_known_args(args)
+        except argparse.ArgumentError as error:  # the only one these two flags raise: no value after the flag
+            raise ConfigError(f"{error.argument_name} needs a value") from None
+        cfg = load_config(known.config, overrides)
     except ConfigError as error:
         return _bad_input(f"{error}\n{USAGE}\n(--help lists every option)")
     from pipeline.training import train  # heavy imports only after the arguments are known to be good
 
     try:
-        return train(cfg, resume)
+        return train(cfg, known.resume)
     except ConfigError as error:  # bad data or checkpoint; any other error at run time keeps its traceback
         return _bad_input(str(error))
 
@@ -47,21 +53,6 @@ def _bad_input(message: str) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def _pop(args: list[str], flag: str) -> str | None:
-    """Remove ``flag value`` or ``flag=value`` from ``args`` and return the value."""
-    for i, arg in enumerate(args):
-        if arg == flag:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"{flag} needs a value")
-            value = args[i + 1]
-            del args[i : i + 2]
-            return value
-        if arg.startswith(flag + "="):
-            del args[i]
-            return arg.split("=", 1)[1]
-    return None
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, load_config, options_help, resolve_dataset_path
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, load_config, options_help
+from pipeline.data import resolve_dataset_path
 
 STOP = {"train.max_steps": 10}
 
@@ -167,3 +169,24 @@ def test_dataset_paths_resolve_against_the_project_root(tmp_path: Path, monkeypa
     assert resolve_dataset_path("ylecun/mnist") == "ylecun/mnist"
     (tmp_path / "mine").mkdir()
     assert resolve_dataset_path("mine") == "mine"
+
+
+def test_command_line_spellings_of_strings_lists_and_unset() -> None:
+    cfg = load_config(overrides=["--train.max_steps", "5", "--train.mixed_precision", "no", "--train.eval_metrics", "accuracy,cfid,fid",
+                                 "--train.sample_every", "none", "--train.max_grad_norm", "null", "--train.compile", "on"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.eval_metrics == ("accuracy", "cfid", "fid")
+    assert cfg.train.sample_every is None and cfg.train.max_grad_norm is None and cfg.train.compile is True
+
+
+def test_saved_yaml_is_the_format_earlier_checkpoints_hold() -> None:
+    """Checkpoints hold ``yaml.safe_dump`` of the sections with lists for tuples; resume compares against them."""
+    cfg = load_config(overrides=STOP | {"model.channel_mult": "1,2", "train.mixed_precision": "bf16", "data.image_column": "img"})
+    assert cfg.to_yaml() == yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
+
+
+def test_config_and_resume_flags_anywhere_on_the_command_line(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.train import main
+
+    config = str(PROJECT_ROOT / "configs" / "quickstart-cpu.yaml")
+    assert main(["--model.base_channels", "2", "--config", config, "--resume=latest", "--train.seed", "1"]) == 2
+    assert "error: model.base_channels must be >= 4" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 import pipeline.models.unet
 import pipeline.pipeline_conditional
 import pipeline.sampler_checks
-from pipeline.config import DiffusionConfig
+from pipeline.config import DiffusionConfig, load_config
 from pipeline.diffusion import make_train_scheduler
 from pipeline.export import ExportError, local_imports, save_export, shipped_files
 from pipeline.models.unet import ConditionalUNet
@@ -144,7 +144,7 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
 
     evaluation = tmp_path / "evaluation.json"
     assert evaluation_main(["evaluate", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "1", "--steps", "2",
-                            "--metrics", "accuracy", "--no-baselines", "--out", str(evaluation)]) == 0
+                            "--guidance", "1.5", "--metrics", "accuracy", "--no-baselines", "--out", str(evaluation)]) == 0
     out = tmp_path / "published"
     assert export_main([str(tiny_run), "--out", str(out), "--half", "--evaluation", str(evaluation), "--command", "python x.py"]) == 0
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as stored:
@@ -155,4 +155,8 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
     card = (out / "README.md").read_text()
     assert "## Measured" in card and "| model | 10 |" in card and "`python x.py`" in card
     assert (out / "config.yaml").is_file() and (tiny_run / "pipeline" / "model_index.json").is_file()  # the run is untouched
+    # what was measured is what ships: the card, its grid and config.yaml sample as the evaluation did
+    shipped = load_config(out / "config.yaml").sample
+    assert (shipped.guidance_scale, shipped.num_inference_steps) == (1.5, 2) and "guidance scale 1.5" in card
+    assert load_config(tiny_run / "config.yaml").sample.guidance_scale != 1.5
     assert export_main([str(tiny_run), "--half"]) == 2  # --half without --out would rewrite the run's own export

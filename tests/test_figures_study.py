@@ -57,7 +57,7 @@ def test_every_set_builds_valid_configs(name: str, tmp_path: Path) -> None:
     study_set = study.load_set(name)
     for run in study_set.runs:
         cfg = study.run_config(study_set, run, seed=3, runs_dir=tmp_path)
-        assert cfg.train.max_steps == study_set.budget["steps"] and cfg.train.seed == 3
+        assert cfg.train.max_steps == study_set.budget.steps and cfg.train.seed == 3
         assert cfg.train.output_dir == str(tmp_path / f"{run}-s3")
 
 
@@ -83,6 +83,27 @@ def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": "configs/experiments/mnist-cpu-base.yaml", "runs": {"x": ["cosine", "cosin"]}}))
     with pytest.raises(ConfigError, match="overlay 'cosin' not found; known: .*cosine"):
+        study.load_set(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"evaluate": {"per_clas": 5}}, r"unknown config key 'evaluate.per_clas'; did you mean evaluate.per_class"),
+        ({"evaluate": {"metrics": ["acuracy"]}}, r"evaluate.metrics: 'acuracy' is not allowed; did you mean accuracy"),
+        ({"evaluate": {"ref_samples": "some"}}, r"evaluate.ref_samples: expected int, got 'some'"),
+        ({"budget": {"step": 5}}, r"unknown config key 'budget.step'; did you mean budget.steps"),
+        ({"guidance_sweep": {"run": "x", "scales": "1,a"}}, r"guidance_sweep.scales: expected float, got 'a'"),
+        ({"seed": [0]}, r"unknown config key 'seed'; did you mean seeds"),
+    ],
+)
+def test_set_sections_are_typed(tmp_path: Path, section: dict, message: str) -> None:
+    cifar10, mnist = study.load_set("cifar10"), study.load_set("mnist")
+    assert cifar10.evaluate.ref_samples == "all" and cifar10.evaluate.metrics == ("accuracy", "cfid", "fid", "is")
+    assert mnist.evaluate.mixed_precision == "bf16" and mnist.guidance_sweep.scales == (1.0, 2.0, 3.0, 5.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "configs/experiments/mnist-cpu-base.yaml", "runs": {"x": []}, **section}))
+    with pytest.raises(ConfigError, match=message):
         study.load_set(str(bad))
 
 

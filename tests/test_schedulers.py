@@ -29,8 +29,16 @@ from diffusers import (
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import pipeline.pipeline_conditional
-from pipeline.config import REFUSED_SAMPLERS, DiffusionConfig, SamplerName
-from pipeline.diffusion import COSINE_LAMBDA_MIN_CLIPPED, SAMPLERS, check_sampler, make_sampler, make_train_scheduler
+from pipeline.config import DiffusionConfig
+from pipeline.diffusion import (
+    COSINE_LAMBDA_MIN_CLIPPED,
+    REFUSED_SAMPLERS,
+    SAMPLERS,
+    SamplerName,
+    check_sampler,
+    make_sampler,
+    make_train_scheduler,
+)
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from tests.factories import single_threaded, tiny_unet
