@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, SampleConfig, decode, load_config, read_yaml
 from pipeline.evaluation.metrics import METRICS
-from pipeline.evaluation.sampling import Precision
+from pipeline.sampling import Precision
 
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiments"
 MetricName = Literal[METRICS]  # type: ignore[valid-type]
