@@ -143,9 +143,7 @@ def peer_pipeline(output_dir: Path) -> ConditionalDiffusionPipeline:
 
     summary = json.loads((output_dir / "peer.json").read_text())
     unet = PeerUNet(UNet2DModel.from_pretrained(str(output_dir / "unet")), summary["class_names"])
-    pipe = ConditionalDiffusionPipeline(unet=unet.eval(), scheduler=DDPMScheduler.from_pretrained(str(output_dir / "scheduler")))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return ConditionalDiffusionPipeline(unet=unet.eval(), scheduler=DDPMScheduler.from_pretrained(str(output_dir / "scheduler")))
 
 
 def main() -> None:

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.train_throughput import measure, ours
+from pipeline.config import PROJECT_ROOT, DataConfig
+from pipeline.data import flip_where, load_image_data, to_model_range
+from pipeline.training import make_loader
 
-from train_throughput import measure, ours  # noqa: E402
-
-from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data import flip_where, load_image_data, to_model_range  # noqa: E402
-from pipeline.training import make_loader  # noqa: E402
-
-SHARED = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
 def images_per_s(batches, count: int, prepare) -> float:

@@ -17,7 +17,8 @@ import statistics
 import sys
 
 import torch
-from train_throughput import Levers, interleaved, measure, ours
+
+from bench.train_throughput import Levers, interleaved, measure, ours
 
 # name: (what the row changes, its options)
 LEVERS = {

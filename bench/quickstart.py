@@ -15,6 +15,7 @@ the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,18 +24,17 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.diffusers_recipe import peer_pipeline, train_peer  # noqa: E402
-from pipeline import ConditionalDiffusionPipeline, load_config  # noqa: E402
-from pipeline.evaluation import conditional_accuracy, load_classifier  # noqa: E402
+from bench.diffusers_recipe import peer_pipeline, train_peer
+from pipeline import ConditionalDiffusionPipeline, load_config
+from pipeline.config import PROJECT_ROOT
+from pipeline.evaluation import Evaluator
+from pipeline.sampling import generate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart-cpu.yaml"))
-    parser.add_argument("--output-dir", default=str(REPO / "runs" / "bench-quickstart"))
+    parser.add_argument("--config", default=str(PROJECT_ROOT / "configs" / "quickstart-cpu.yaml"))
+    parser.add_argument("--output-dir", default=str(PROJECT_ROOT / "runs" / "bench-quickstart"))
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--guidance", default="1,2,3", help="guidance scales to report (the config's is always included)")
     parser.add_argument("--skip-training", action="store_true", help="evaluate an existing run in --output-dir")
@@ -44,10 +44,10 @@ def main() -> None:
 
     train_s = None
     if not args.skip_training:
-        command = [sys.executable, str(REPO / "pipeline" / "train.py"), "--config", args.config, *overrides,
+        command = [sys.executable, str(PROJECT_ROOT / "pipeline" / "train.py"), "--config", args.config, *overrides,
                    "--train.output_dir", args.output_dir]
         started = time.perf_counter()
-        code = subprocess.call(command, cwd=REPO)
+        code = subprocess.call(command, cwd=PROJECT_ROOT)
         train_s = time.perf_counter() - started
         if code not in (0, 75):
             raise SystemExit(f"training failed with exit status {code}")
@@ -59,14 +59,14 @@ def main() -> None:
         if not args.skip_training:
             peer = train_peer(cfg, peer_dir, minutes=train_s / 60)  # the same wall time as ours, start-up included
         pipes["diffusers recipe"] = peer_pipeline(peer_dir)
-    classifier = load_classifier("mnist")
+    evaluator = Evaluator(cfg.data.dataset, metrics=("accuracy",), classifier="mnist")
     scales = sorted({float(g) for g in args.guidance.split(",")} | {cfg.sample.guidance_scale})
     rows = []
     for name, pipe in pipes.items():
         for scale in scales:
             started = time.perf_counter()
-            accuracy = conditional_accuracy(pipe, classifier, per_class=args.per_class, sampler=cfg.sample.sampler,
-                                            steps=cfg.sample.num_inference_steps, guidance=scale, seed=0)
+            samples = generate(pipe, args.per_class, dataclasses.replace(cfg.sample, guidance_scale=scale), seed=0)
+            accuracy = evaluator.score(samples)["accuracy"]
             rows.append({"model": name, "guidance_scale": scale, "accuracy": accuracy, "sample_s": time.perf_counter() - started})
 
     result = {

@@ -14,7 +14,7 @@ The ``vs floor`` column compares each row's time per image with the model-forwar
 evaluations times the time of one batched forward of the U-Net (both guidance halves, the same precision and
 chunk), so it shows what the sampler, scheduler and pipeline add on top of the network itself.
 ``--chunks 10,25,50,100`` instead times one sampler at several chunk sizes and precisions against that floor
-(how ``pipeline.evaluation.sampling.sampling_batch`` and ``sampling_precision`` were chosen).
+(how ``pipeline.sampling.sampling_batch`` and ``sampling_precision`` were chosen).
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline import ConditionalDiffusionPipeline  # noqa: E402
-from pipeline.config import SampleConfig  # noqa: E402
-from pipeline.evaluation import Evaluator  # noqa: E402
-from pipeline.evaluation.metrics import hardware  # noqa: E402
-from pipeline.evaluation.sampling import generate, sampling_batch, sampling_precision, saved_run_config  # noqa: E402
+from pipeline import ConditionalDiffusionPipeline
+from pipeline.config import SampleConfig
+from pipeline.evaluation import Evaluator
+from pipeline.evaluation.metrics import hardware
+from pipeline.sampling import generate, sampling_batch, sampling_precision, saved_run_config
 
 # (sampler, steps): the peer first, then the fast samplers the issue compares
 SCHEDULES = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20), ("dpmsolver++", 10), ("unipc", 10)]
@@ -89,7 +85,6 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
     print(f"{hardware()}, threads={torch.get_num_threads()}; {args.pipeline}, {args.per_class} per class")
     if args.chunks:
         return chunk_sweep(pipe, args)

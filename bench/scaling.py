@@ -26,12 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipeline.config import PROJECT_ROOT
+from pipeline.tensorboard_logs import read_scalars
 
-from pipeline.figures import read_scalars  # noqa: E402
-
-TRAIN = str(REPO / "pipeline" / "train.py")
+TRAIN = str(PROJECT_ROOT / "pipeline" / "train.py")
 RUNS = {
     "1 process, all cores": ({}, [sys.executable, TRAIN]),
     "1 process, OMP_NUM_THREADS=1": ({"OMP_NUM_THREADS": "1"}, [sys.executable, TRAIN]),
@@ -45,7 +43,7 @@ RUNS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart-cpu.yaml"))
+    parser.add_argument("--config", default=str(PROJECT_ROOT / "configs" / "quickstart-cpu.yaml"))
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--override", action="append", default=[], help="config override, e.g. --override=--train.batch_size=128")
@@ -63,7 +61,7 @@ def main() -> None:
                        "--train.checkpoint_every", "none"]
             started = time.perf_counter()
             subprocess.run(command, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=PROJECT_ROOT)
             wall = time.perf_counter() - started
             rate = statistics.median(read_scalars(out / "tensorboard", "train/images_per_s")[1][1:])
             reference = reference or rate

@@ -28,12 +28,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline import load_config  # noqa: E402
-from pipeline.data import ImageData  # noqa: E402
-from pipeline.training import build_unet  # noqa: E402
+from pipeline import load_config
+from pipeline.config import PROJECT_ROOT
+from pipeline.data import ImageData
+from pipeline.training import build_unet
 
 # (channels, size, the config whose U-Net is ours at this shape)
 SHAPES = {"mnist": (1, 28, "configs/quickstart-cpu.yaml"), "cifar10": (3, 32, "configs/cifar10.yaml")}
@@ -42,7 +40,7 @@ NUM_CLASSES = 10
 
 def ours(shape: str, cfg_overrides: list[str]) -> torch.nn.Module:
     channels, size, config = SHAPES[shape]
-    cfg = load_config(REPO / config, cfg_overrides)
+    cfg = load_config(PROJECT_ROOT / config, cfg_overrides)
     fake = ImageData(torch.zeros(1, channels, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
                      [str(i) for i in range(NUM_CLASSES)])
     return build_unet(cfg, fake)
@@ -190,7 +188,7 @@ def from_run(run_dir: Path, peak_tflops: float | None) -> None:
     """One row for a real training run (``pipeline/train.py``): its logged images/s (median of the logs after the
     first, which includes start-up), GFLOP per image of its U-Net, TFLOP/s, MFU and peak memory (CUDA only)."""
     from pipeline.data import ImageData as Data
-    from pipeline.figures import read_scalars
+    from pipeline.tensorboard_logs import read_scalars
 
     cfg = load_config(run_dir / "config.yaml")
     config = json.loads((run_dir / "pipeline" / "unet" / "config.json").read_text())

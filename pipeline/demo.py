@@ -56,20 +56,19 @@ class Generator:
         import torchvision
 
         from pipeline.diffusion import SAMPLERS
-        from pipeline.evaluation.sampling import with_sampler
+        from pipeline.sampling import sample_images
 
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         steps, seed, per_class = _whole(steps, "steps"), _whole(seed, "seed"), _whole(per_class, "images per class")
         if not 1 <= per_class <= MAX_PER_CLASS:
             raise ValueError(f"images per class must be 1..{MAX_PER_CLASS}, got {per_class}")
-        pipe = with_sampler(self.pipe, sampler)
         started = time.perf_counter()
-        autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        autocast = torch.autocast(self.pipe.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
-            out = pipe(class_labels=list(classes), num_images_per_label=per_class, guidance_scale=guidance_scale,
-                       num_inference_steps=steps, generator=torch.Generator(pipe.device).manual_seed(seed), output_type="pt",
-                       return_intermediates=True)
+            settings = SampleConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale)
+            out = sample_images(self.pipe, settings, list(classes), seed, num_images_per_label=per_class, output_type="pt",
+                                return_intermediates=True)
         seconds = time.perf_counter() - started
         grid = _image(torchvision.utils.make_grid(out.images, nrow=per_class, padding=2, pad_value=1.0), self._scale(out.images))
         picks = np.linspace(0, len(out.intermediates) - 1, min(REVERSE_COLUMNS, len(out.intermediates))).round().astype(int)
@@ -166,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no exported pipeline at {where}; pass --pipeline DIR (a training run's pipeline/ folder)", file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    from pipeline.evaluation.sampling import saved_run_config
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+    from pipeline.sampling import saved_run_config
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
     run = saved_run_config(folder)
     out_dir = Path(tempfile.mkdtemp(prefix="ddpm-demo-"))
     generator = Generator(pipe, bf16=run.train.mixed_precision == "bf16", out_dir=out_dir)

@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", help="with --out: the training command to show on the card")
     args = parser.parse_args(argv)
     from pipeline.checkpointing import replace_dir
-    from pipeline.evaluation.sampling import saved_run_config
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+    from pipeline.sampling import saved_run_config
 
     folder = args.run_dir / "pipeline"
     try:

@@ -15,6 +15,7 @@ Sampling figures take ``--sampler``, ``--steps``, ``--guidance`` and ``--seed`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,8 +30,9 @@ import torchvision  # noqa: E402
 
 from pipeline.config import DataConfig, DiffusionConfig, SampleConfig, load_config  # noqa: E402
 from pipeline.diffusion import make_train_scheduler  # noqa: E402
-from pipeline.evaluation.sampling import saved_run_config, usable_guidance, with_sampler  # noqa: E402
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline  # noqa: E402
+from pipeline.sampling import sample_images, saved_run_config  # noqa: E402
+from pipeline.tensorboard_logs import read_scalars, training_minutes  # noqa: E402
 
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 800, 999)
 
@@ -74,7 +76,9 @@ def forward_noising(images: torch.Tensor, out: str | Path, timesteps: Sequence[i
     Args:
         images: (K, C, H, W) uint8 data images (one strip each).
     """
-    clean = images.float() / 127.5 - 1
+    from pipeline.data import to_model_range
+
+    clean = to_model_range(images)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     steps = torch.tensor(timesteps)
     fig = plt.figure(figsize=(1.0 * len(timesteps) + 4, 1.1 * 2 * len(images) + 0.6))
@@ -105,38 +109,32 @@ def reverse_process(pipe: ConditionalDiffusionPipeline, out: str | Path, sample:
     steps of the reverse process (left: pure noise, right: the final image)."""
     sample = sample or SampleConfig()
     classes = list(range(pipe.unet.config.num_classes))
-    result = with_sampler(pipe, sample.sampler)(
-        class_labels=classes, guidance_scale=usable_guidance(pipe, sample.guidance_scale), num_inference_steps=sample.num_inference_steps,
-        generator=torch.Generator(pipe.device).manual_seed(seed), output_type="pt", return_intermediates=True,
-    )
-    steps = result.intermediates
+    steps = sample_images(pipe, sample, classes, seed, output_type="pt", return_intermediates=True).intermediates
     picks = np.linspace(0, len(steps) - 1, min(columns, len(steps))).round().astype(int)
     frames = torch.stack([steps[i] for i in picks], dim=1)  # (classes, columns, C, H, W)
     fig, ax = plt.subplots(figsize=(1.0 * len(picks) + 1, 1.0 * len(classes)))
     ax.imshow(_tile(frames.flatten(0, 1), nrow=len(picks)), cmap="gray")
     _label_rows(ax, pipe.class_names, pipe.unet.config.sample_size)
     ax.set_xlabel(f"predicted x_0 after step {', '.join(str(i + 1) for i in picks)} of {len(steps)} ({sample.sampler})")
-    ax.set_title(f"reverse process, guidance {usable_guidance(pipe, sample.guidance_scale)}")
+    ax.set_title(f"reverse process, guidance {sample.guidance_scale}")
     return _save(fig, out)
 
 
-def _class_rows(pipe: ConditionalDiffusionPipeline, per_class: int, sample: SampleConfig, scale: float, seed: int) -> torch.Tensor:
+def _class_rows(pipe: ConditionalDiffusionPipeline, per_class: int, sample: SampleConfig, seed: int) -> torch.Tensor:
     """(classes * per_class, C, H, W) in [0, 1], ``per_class`` samples of every class in class order."""
-    return with_sampler(pipe, sample.sampler)(
-        class_labels=list(range(pipe.unet.config.num_classes)), num_images_per_label=per_class, guidance_scale=usable_guidance(pipe, scale),
-        num_inference_steps=sample.num_inference_steps, generator=torch.Generator(pipe.device).manual_seed(seed), output_type="pt",
-    ).images
+    classes = list(range(pipe.unet.config.num_classes))
+    return sample_images(pipe, sample, classes, seed, num_images_per_label=per_class, output_type="pt").images
 
 
 def class_grid(pipe: ConditionalDiffusionPipeline, out: str | Path, per_class: int = 10, sample: SampleConfig | None = None,
                seed: int = 0, title: str | None = None) -> Path:
     """Figures 10-11: one row per class (named), ``per_class`` samples each."""
     sample = sample or SampleConfig()
-    images = _class_rows(pipe, per_class, sample, sample.guidance_scale, seed)
+    images = _class_rows(pipe, per_class, sample, seed)
     fig, ax = plt.subplots(figsize=(0.6 * per_class + 1, 0.6 * pipe.unet.config.num_classes + 0.5))
     ax.imshow(_tile(images, nrow=per_class), cmap="gray")
     _label_rows(ax, pipe.class_names, pipe.unet.config.sample_size)
-    settings = f"{sample.sampler}, {sample.num_inference_steps} steps, guidance {usable_guidance(pipe, sample.guidance_scale)}"
+    settings = f"{sample.sampler}, {sample.num_inference_steps} steps, guidance {sample.guidance_scale}"
     ax.set_title(f"{title}\n{settings}" if title else settings, fontsize=9)
     return _save(fig, out)
 
@@ -147,50 +145,12 @@ def guidance_sweep(pipe: ConditionalDiffusionPipeline, out: str | Path, scales: 
     sample = sample or SampleConfig()
     fig, axes = plt.subplots(1, len(scales), figsize=(0.6 * per_class * len(scales) + 1, 0.6 * pipe.unet.config.num_classes + 0.6))
     for i, (ax, scale) in enumerate(zip(np.atleast_1d(axes), scales, strict=True)):
-        ax.imshow(_tile(_class_rows(pipe, per_class, sample, scale, seed), nrow=per_class), cmap="gray")
+        ax.imshow(_tile(_class_rows(pipe, per_class, dataclasses.replace(sample, guidance_scale=scale), seed), nrow=per_class),
+                  cmap="gray")
         _label_rows(ax, pipe.class_names if i == 0 else [], pipe.unet.config.sample_size)
-        ax.set_title(f"s = {usable_guidance(pipe, scale)}")
+        ax.set_title(f"s = {scale}")
     fig.suptitle(f"classifier-free guidance sweep ({sample.sampler}, {sample.num_inference_steps} steps)")
     return _save(fig, out)
-
-
-def read_scalars(run_dir: str | Path, tag: str = "train/loss") -> tuple[list[int], list[float]]:
-    """Steps and values of a scalar from every TensorBoard event file under ``run_dir`` (sorted by step)."""
-    points = scalar_points(run_dir).get(tag, {})
-    steps = sorted(points)
-    return steps, [points[s] for s in steps]
-
-
-def scalar_points(run_dir: str | Path) -> dict[str, dict[int, float]]:
-    """Every scalar of every TensorBoard event file under ``run_dir``: tag -> {step: value}."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points: dict[str, dict[int, float]] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            points.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return points
-
-
-def training_minutes(run_dir: str | Path, tag: str = "train/loss") -> dict[int, float]:
-    """Step -> wall-clock minutes of training up to it, summed over the run's starts (each resume writes a new
-    event file; the time between a stop and the next start is not counted), from the events of ``tag``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    minutes: dict[int, float] = {}
-    before = 0.0
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag not in accumulator.Tags()["scalars"]:
-            continue
-        scalars = accumulator.Scalars(tag)
-        start = accumulator.FirstEventTimestamp()
-        minutes.update({e.step: before + (e.wall_time - start) / 60 for e in scalars})
-        before += (scalars[-1].wall_time - start) / 60
-    return minutes
 
 
 def quality_curve(run_dir: str | Path, out: str | Path, batch_size: int, tags: Sequence[str] = ("eval/fid", "eval/accuracy")) -> Path:

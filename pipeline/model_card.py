@@ -64,7 +64,7 @@ def write_model_card(pipe: ConditionalDiffusionPipeline, directory: Path, record
 
 def last_metrics(run_dir: Path) -> dict[str, tuple[int, float]]:
     """The last value of every ``eval/*`` scalar in the run's TensorBoard logs: tag -> (step, value)."""
-    from pipeline.figures import scalar_points
+    from pipeline.tensorboard_logs import scalar_points
 
     points = scalar_points(run_dir / "tensorboard") if (run_dir / "tensorboard").is_dir() else {}
     return {tag: (step := max(series), series[step]) for tag, series in sorted(points.items()) if tag.startswith("eval/")}
@@ -95,7 +95,6 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
     dataset = dataset_id(cfg.data.dataset)
     metadata = {"library_name": "diffusers", "pipeline_tag": PIPELINE_TAG, "license": LICENSE,
                 "tags": list(TAGS), "datasets": [dataset]}
-    guidance = cfg.sample.guidance_scale if pipe.unet.null_class is not None else 1.0
     params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
     examples = pipe.class_names[:2]
     scheduler_name, scheduler_line = sampler_snippet(pipe, cfg.sample.sampler)
@@ -108,7 +107,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         f"{', '.join(pipe.class_names)}.", "",
         f"![samples]({GRID_FILE})", "",
         f"One row per class, {GRID_PER_CLASS} samples each: {cfg.sample.sampler}, {cfg.sample.num_inference_steps} steps, "
-        f"guidance scale {guidance}, seed {cfg.train.seed}.", "",
+        f"guidance scale {cfg.sample.guidance_scale}, seed {cfg.train.seed}.", "",
         "## Use it", "",
         "With only `torch` and `diffusers` installed (the folder ships its code: `pipeline_conditional.py`, "
         "`sampler_checks.py`, `models/unet.py` and `unet/unet.py`):", "",
@@ -118,7 +117,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         "",
         'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
         scheduler_line + "  # the default is 1000-step DDPM",
-        f"images = pipe(class_labels={examples!r}, num_images_per_label=4, guidance_scale={guidance}, "
+        f"images = pipe(class_labels={examples!r}, num_images_per_label=4, guidance_scale={cfg.sample.guidance_scale}, "
         f"num_inference_steps={cfg.sample.num_inference_steps}, generator=torch.manual_seed(0)).images",
         "```", "",
         "`class_labels` takes class indices or names; `output_type` is `pil`, `np`, `pt` or `latent`. With this project "

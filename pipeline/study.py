@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, SampleConfig, decode, load_config, read_yaml
 from pipeline.evaluation.metrics import METRICS
-from pipeline.evaluation.sampling import Precision
+from pipeline.sampling import Precision
 
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiments"
 MetricName = Literal[METRICS]  # type: ignore[valid-type]
@@ -156,7 +156,7 @@ def train_run(cfg: Config, launcher: str) -> float:
 
 def final_loss(run_dir: Path, last: int = 5) -> float | None:
     """Mean of the last ``last`` logged ``train/loss`` values (a loss at one step is too noisy)."""
-    from pipeline.figures import read_scalars
+    from pipeline.tensorboard_logs import read_scalars
 
     steps, values = read_scalars(run_dir, "train/loss")
     return float(sum(values[-last:]) / len(values[-last:])) if values else None

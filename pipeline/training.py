@@ -8,18 +8,22 @@ So a run is a pure function of its config: a resumed run repeats an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -37,12 +41,16 @@ from pipeline.checkpointing import (
 )
 from pipeline.config import Config, ConfigError, TrainConfig, load_config
 from pipeline.data import ImageData, ImageDataset, flip_where, keep_batch, load_image_data, to_model_range
-from pipeline.diffusion import diffusion_loss, make_sampler, make_train_scheduler
+from pipeline.diffusion import diffusion_loss, make_train_scheduler
 from pipeline.export import save_export
 from pipeline.model_card import TrainingRecord
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.run_dir import RunLock, claim, save_start_config, write_status
+from pipeline.sampling import sample_images
+
+if TYPE_CHECKING:  # imported when evaluation is asked for: it loads the data set's classifier
+    from pipeline.evaluation import Evaluator
 
 
 @dataclass
@@ -57,6 +65,10 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
+
+    def reached(self, max_steps: int | None) -> bool:
+        """Whether the step budget is spent (never without one)."""
+        return max_steps is not None and self.step >= max_steps
 
 
 class EpochShuffle(torch.utils.data.Sampler[int]):
@@ -81,7 +93,10 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
 def make_loader(data: ImageData, micro_batch: int, seed: int, global_batch: int) -> torch.utils.data.DataLoader:
     """Batches of (uint8 (B, C, H, W), int64 (B,)) gathered from the decoded cache in one indexing call each,
     in process: no workers, as a gather is far faster than the model step (bench/input_pipeline.py). Pinned
-    when a GPU is present, so the host-to-device copy of the (uint8, 4x smaller than float) batch is asynchronous."""
+    when a GPU is present, so the host-to-device copy of the (uint8, 4x smaller than float) batch is asynchronous.
+    ConfigError for a data set smaller than one global batch."""
+    if len(data) < global_batch:
+        raise ConfigError(f"the data set has {len(data)} images, fewer than train.batch_size {global_batch}")
     return torch.utils.data.DataLoader(
         ImageDataset(data), batch_size=micro_batch, sampler=EpochShuffle(len(data), seed, global_batch), drop_last=True,
         collate_fn=keep_batch, pin_memory=torch.cuda.is_available(),
@@ -89,42 +104,31 @@ def make_loader(data: ImageData, micro_batch: int, seed: int, global_batch: int)
 
 
 def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
-    """The U-Net for ``cfg.model`` at the data set's size, channels and classes."""
+    """The U-Net for ``cfg.model`` at the data set's size, channels and classes, with a null class when labels are
+    dropped (``diffusion.p_uncond`` > 0). ConfigError for what it cannot do, ``sample.guidance_scale`` included."""
     try:
-        return _unet(cfg, data)
+        unet = ConditionalUNet(**dataclasses.asdict(cfg.model), sample_size=data.size, in_channels=data.channels,
+                               num_classes=len(data.class_names), class_names=data.class_names,
+                               use_null_class=cfg.diffusion.p_uncond > 0)
     except ValueError as error:  # the model's own checks of its config (sizes, heads): bad input
         raise ConfigError(str(error)) from None
-
-
-def _unet(cfg: Config, data: ImageData) -> ConditionalUNet:
-    m = cfg.model
-    return ConditionalUNet(
-        sample_size=data.size,
-        in_channels=data.channels,
-        num_classes=len(data.class_names),
-        class_names=data.class_names,
-        use_null_class=cfg.diffusion.p_uncond > 0,
-        base_channels=m.base_channels,
-        channel_mult=m.channel_mult,
-        layers_per_block=m.layers_per_block,
-        attention_resolutions=m.attention_resolutions,
-        attention_heads=m.attention_heads,
-        dropout=m.dropout,
-        conditioning=m.conditioning,
-        upsample=m.upsample,
-        learned_variance=m.learned_variance,
-    )
+    try:
+        ConditionalDiffusionPipeline(unet=unet, scheduler=None).check_guidance(cfg.sample.guidance_scale)
+    except ValueError as error:  # the pipeline's guidance rule, now rather than at the first sample grid or export
+        raise ConfigError(f"sample.{error}") from None
+    return unet
 
 
 @dataclass
 class StepDraws:
     """The random draws of one optimizer step for its whole global batch: noise (B, C, H, W), timesteps (B,),
-    label dropout (B,) and horizontal flips (B,), a function of (seed, step) alone."""
+    label dropout (B,), horizontal flips (B,) and the seed of the dropout masks, a function of (seed, step) alone."""
 
     noise: torch.Tensor
     timesteps: torch.Tensor
     drop: torch.Tensor
     flip: torch.Tensor
+    dropout_seed: int
 
     @classmethod
     def draw(cls, seed: int, step: int, batch: int, image_shape: torch.Size, num_timesteps: int, p_uncond: float,
@@ -135,6 +139,7 @@ class StepDraws:
             timesteps=torch.randint(0, num_timesteps, (batch,), generator=g, device=device),
             drop=torch.rand(batch, generator=g, device=device) < p_uncond,
             flip=torch.rand(batch, generator=g, device=device) < 0.5,
+            dropout_seed=hash((seed, step, 1)),
         )
 
 
@@ -172,6 +177,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel, p
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(f"checkpoint {checkpoint} cannot be loaded ({type(error).__name__}: {first_line}); "
                           "resume from another one") from None
+    # A checkpoint is at a step boundary: count micro-batches from there, whatever accumulation it was saved with.
+    accelerator.step = 0
     state = json.loads((checkpoint / LOOP_STATE_FILE).read_text())
     shadow = load_file(checkpoint / EMA_FILE)  # to the CPU: safetensors refuses devices such as gloo ranks' "cpu:0"
     ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]})
@@ -204,248 +211,354 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def apply_optimisation(t: TrainConfig, optimizer: torch.optim.Optimizer, lr_scheduler, ema: EMAModel) -> None:
+def apply_optimisation(train_cfg: TrainConfig, optimizer: torch.optim.Optimizer, lr_scheduler, ema: EMAModel) -> None:
     """Put this start's learning rate, AdamW and EMA settings into the states a checkpoint restored. The LR at the
     current step is recomputed from the new peak and schedule (the schedule's shape comes from this config)."""
     schedule = lr_scheduler.scheduler  # accelerate's wrapper around the LambdaLR
-    schedule.base_lrs = [t.lr] * len(optimizer.param_groups)
+    schedule.base_lrs = [train_cfg.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
-        group.update(initial_lr=t.lr, lr=t.lr * factor(schedule.last_epoch), betas=(t.adam_beta1, t.adam_beta2),
-                     weight_decay=t.weight_decay)
+        group.update(initial_lr=train_cfg.lr, lr=train_cfg.lr * factor(schedule.last_epoch),
+                     betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay)
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-    ema.decay, ema.use_ema_warmup, ema.power = t.ema_decay, t.ema_warmup, t.ema_power
+    ema.decay, ema.use_ema_warmup, ema.power = train_cfg.ema_decay, train_cfg.ema_warmup, train_cfg.ema_power
 
 
 class FiniteGuard:
     """The first step whose loss, gradient norm or weights were not finite, kept on the device: recording costs
-    no host sync; ``agree`` reads it, with the stop flag, across ranks every ``log_every`` steps and before saves."""
+    no host sync; ``agree`` reads it, with the stop requests, across ranks every ``log_every`` steps and before saves."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_step = 0
 
     def record(self, step: int, tensors: list[torch.Tensor]) -> None:
         finite = torch.stack([torch.isfinite(x).all() for x in tensors]).all()
         self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad, step)
 
-    def agree(self, accelerator: Accelerator, stop: bool) -> tuple[bool, int]:
-        """(any rank wants to stop, first non-finite step on any rank or 0)."""
-        local = torch.stack([torch.tensor(int(stop), device=self.first_bad.device), self.first_bad])
+    def agree(self, accelerator: Accelerator, reason: str | None) -> str | None:
+        """Why every rank stops, given why this one would (None: it would not): ``"diverged"`` if any rank saw a
+        non-finite step (the first is then ``bad_step``), else ``reason``, else ``"a stop on another process"``."""
+        local = torch.stack([torch.tensor(int(reason is not None), device=self.first_bad.device), self.first_bad])
         stops, bads = accelerator.gather(local[None]).view(-1, 2).T.tolist()
-        bad = [step for step in bads if step > 0]
-        return any(stops), min(bad) if bad else 0
+        self.bad_step = min((step for step in bads if step > 0), default=0)
+        if self.bad_step:
+            return "diverged"
+        return reason or ("a stop on another process" if any(stops) else None)
+
+
+class Meter:
+    """The loop's logging state: the progress bar, the loss summed on the device since the last log (read, a host
+    sync, only when logging), the last gradient norm, and the step, images seen and time of the last log."""
+
+    def __init__(self, accelerator: Accelerator, progress: Progress, max_steps: int | None):
+        self.bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
+                        mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch log file gets a line every 30 s, not every step
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.accumulation = accelerator.gradient_accumulation_steps
+        self.grad_norm: torch.Tensor | None = None  # set where gradients are clipped (train.max_grad_norm)
+        self.started = self.logged_at = time.time()
+        self.logged_step, self.logged_images = progress.step, progress.images_seen
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Add a micro-batch's loss (on the device: no host sync) to the sum of per-step means."""
+        self.loss_sum += loss / self.accumulation
+
+    def minutes(self) -> float:
+        """Minutes since this start began training."""
+        return (time.time() - self.started) / 60
+
+    def watched(self) -> list[torch.Tensor]:
+        """The tensors ``FiniteGuard`` checks every step: the loss sum and the gradient norm."""
+        return [self.loss_sum] + ([self.grad_norm] if self.grad_norm is not None else [])
+
+    def log(self, accelerator: Accelerator, progress: Progress, steps_per_epoch: int, lr: float, ema_decay: float) -> None:
+        """``train/*`` at ``progress.step``: the mean loss over processes and steps and the images/s since the last
+        log, then the learning rate, epoch, EMA decay, gradient norm and (CUDA) peak memory."""
+        now = time.time()
+        logs = {
+            "train/loss": accelerator.reduce(self.loss_sum, reduction="mean").item() / (progress.step - self.logged_step),
+            "train/lr": lr,
+            "train/images_per_s": (progress.images_seen - self.logged_images) / max(now - self.logged_at, 1e-9),
+            "train/epoch": progress.step / steps_per_epoch,
+            "train/ema_decay": ema_decay,
+        }
+        if self.grad_norm is not None:
+            logs["train/grad_norm"] = float(self.grad_norm)
+        if accelerator.device.type == "cuda":
+            logs["train/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        accelerator.log(logs, step=progress.step)
+        self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_s']:.0f}")
+        self.loss_sum.zero_()
+        self.logged_at, self.logged_step, self.logged_images = now, progress.step, progress.images_seen
+
+
+def train_step(accelerator: Accelerator, model: torch.nn.Module, unet: ConditionalUNet, noise_scheduler: DDPMScheduler, cfg: Config,
+               draws: StepDraws, micro: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One micro-batch, (B, C, H, W) uint8 ``images`` and (B,) ``labels``: noise the images at random timesteps,
+    predict with ``model`` (``unet`` as it trains), backprop. Returns the loss, detached.
+
+    The optimizer step's ``draws`` cover its whole global batch on every rank: micro-batch ``micro`` of rank r holds
+    global batch positions (micro * world + r) * B..., as Accelerate deals batches round-robin.
+    """
+    first = (micro * accelerator.num_processes + accelerator.process_index) * len(images)
+    mine = slice(first, first + len(images))
+    noise, timesteps, drop, flip = draws.noise[mine], draws.timesteps[mine], draws.drop[mine], draws.flip[mine]
+    clean = to_model_range(images)
+    if cfg.data.random_flip:
+        clean = flip_where(clean, flip)
+    if unet.null_class is not None:
+        labels = torch.where(drop, unet.null_class, labels)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    if cfg.train.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    unet.set_dropout_rows(draws.dropout_seed, mine, cfg.train.batch_size)
+    with accelerator.autocast():
+        prediction = model(noisy, timesteps, labels).sample
+    loss = diffusion_loss(prediction, clean, noise, noisy, timesteps, noise_scheduler, cfg.diffusion)
+    accelerator.backward(loss)
+    return loss.detach()
 
 
 def train(cfg: Config, resume: str | None = None) -> int:
     """Run training to a stop condition. Returns 0 when the budget is done, 75 when stopped early with a
     checkpoint (signal or ``max_minutes``), so a job script knows whether to requeue, 3 when it diverged."""
-    t = cfg.train
-    output_dir = Path(t.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+    output_dir = Path(cfg.train.output_dir)
+    accelerator = make_accelerator(cfg.train)
+    with hold_output_dir(accelerator, output_dir) as stop:
+        # Split the global batch, find the checkpoint to resume from and check its config, claim the output directory.
+        micro_batch = micro_batch_size(accelerator, cfg.train)
+        checkpoint = resolve_resume(output_dir, resume, accelerator.print)
+        changes = resume_changes(load_config(checkpoint / CONFIG_FILE), cfg) if checkpoint else []
+        claim_output_dir(accelerator, output_dir, checkpoint, cfg.train.overwrite)
+
+        # Load the data; build the U-Net (seeded: every rank starts alike), its optimizer and LR schedule.
+        data = load_image_data(cfg.data)
+        loader = make_loader(data, micro_batch, cfg.train.seed, cfg.train.batch_size)
+        torch.manual_seed(cfg.train.seed)
+        unet = build_unet(cfg, data)
+        if cfg.train.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        noise_scheduler = make_train_scheduler(cfg.diffusion, cfg.model.learned_variance)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                      weight_decay=cfg.train.weight_decay, fused=accelerator.device.type == "cuda")
+        steps_per_epoch = len(data) // cfg.train.batch_size  # EpochShuffle deals whole global batches
+        max_steps = step_budget(cfg.train, steps_per_epoch)
+        lr_scheduler = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                                     num_training_steps=max_steps or 10**9)
+
+        # Wrap them for the processes: `model` is what trains (DDP, compiled if asked), `unet` the bare U-Net inside it,
+        # which the EMA, samples and exports read.
+        model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+        unet = accelerator.unwrap_model(model)
+        model = torch.compile(model) if cfg.train.compile else model
+        ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup,
+                       power=cfg.train.ema_power, foreach=True, model_cls=ConditionalUNet, model_config=unet.config)
+        ema.to(accelerator.device)
+
+        # Resume weights, optimizer, LR schedule, RNG, EMA and progress from the checkpoint, with this start's settings;
+        # record the start (config, status, TensorBoard) and build the evaluator.
+        progress = resume_from(accelerator, checkpoint, resume, changes, cfg, optimizer, lr_scheduler, ema)
+        start_logs(accelerator, cfg, progress, micro_batch, steps_per_epoch, unet)
+        evaluator = make_evaluator(accelerator, cfg)
+
+        # Train until the budget is spent, a process is asked to stop, or the loss diverges.
+        batches = endless_batches(accelerator, loader, steps_per_epoch, progress.step)
+        meter, guard = Meter(accelerator, progress, max_steps), FiniteGuard(accelerator.device)
+        stop_reason = "finished" if progress.reached(max_steps) else None
+        while stop_reason is None:
+            # Accumulate gradients over this rank's micro-batches; Accelerate syncs them and steps the optimizer on the last.
+            draws = StepDraws.draw(cfg.train.seed, progress.step, cfg.train.batch_size, data.images.shape[1:],
+                                   noise_scheduler.config.num_train_timesteps, cfg.diffusion.p_uncond, accelerator.device)
+            for micro in range(cfg.train.gradient_accumulation_steps):
+                images, labels = next(batches)
+                with accelerator.accumulate(model):
+                    meter.add(train_step(accelerator, model, unet, noise_scheduler, cfg, draws, micro, images, labels))
+                    if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
+                        meter.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            # Step the LR schedule and the EMA; note a non-finite loss or gradient norm on the device (no host sync).
+            lr_scheduler.step()
+            ema.step(unet.parameters())
+            progress.step += 1
+            progress.images_seen += cfg.train.batch_size
+            meter.bar.update(1)
+            guard.record(progress.step, meter.watched())
+
+            # Log the mean loss, learning rate and speed every log_every steps.
+            if _due(progress.step, cfg.train.log_every):
+                meter.log(accelerator, progress, steps_per_epoch, lr_scheduler.get_last_lr()[0], ema.cur_decay_value or 0.0)
+
+            # Agree across processes on stopping and on finite weights: a host sync, so only when a log or save is due.
+            stop_reason = "finished" if progress.reached(max_steps) else None
+            if not (stop_reason or _due(progress.step, cfg.train.log_every) or saves_due(progress.step, cfg.train)):
+                continue
+            guard.record(progress.step, [*unet.parameters(), *ema.shadow_params])
+            stop_reason = guard.agree(accelerator, stop_reason or stop_request(stop, meter, cfg.train.max_minutes))
+            if stop_reason == "diverged":
+                report_divergence(accelerator, output_dir, guard.bad_step)
+                break
+
+            # Sample and evaluate the EMA model when due; checkpoint and export it when due and before stopping.
+            if _due(progress.step, cfg.train.sample_every):
+                log_samples(accelerator, ema, unet, noise_scheduler, cfg, progress.step, output_dir)
+            if _due(progress.step, cfg.train.eval_every):
+                log_metrics(accelerator, evaluator, ema, unet, noise_scheduler, cfg, progress.step)
+            if stop_reason or _due(progress.step, cfg.train.checkpoint_every):
+                save_checkpoint(accelerator, output_dir, progress.step, cfg.train.keep_checkpoints,
+                                lambda directory: save_loop_state(directory, ema, progress, cfg))
+            if stop_reason or _due(progress.step, cfg.train.export_every):
+                export(accelerator, ema, unet, noise_scheduler, cfg, progress)
+
+        # Close the logs, then record how the run ended for job scripts.
+        meter.bar.close()
+        accelerator.end_training()
+        return finish(accelerator, output_dir, stop_reason, progress.step)
+
+
+def make_accelerator(train_cfg: TrainConfig) -> Accelerator:
+    """Accelerate for ``train_cfg``: precision, accumulation, TensorBoard in ``<output_dir>/tensorboard``."""
+    output_dir = Path(train_cfg.output_dir)
+    return Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # one LR step per optimizer step, whatever the process count
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned batches, the copy overlaps compute
     )
+
+
+@contextlib.contextmanager
+def hold_output_dir(accelerator: Accelerator, output_dir: Path) -> Iterator[StopSignal]:
+    """For one start: the output directory's lock (main process) and the stop signals' record (every process)."""
     lock = RunLock(output_dir) if accelerator.is_main_process else None
     stop = StopSignal()
     try:
         if lock:
             write_status(output_dir, "starting")  # first, so a crash from here on is not read as the last start's stop
-        return _train(cfg, resume, accelerator, stop)
+        yield stop
     finally:
         stop.restore()
         if lock:
             lock.release()
 
 
-def _train(cfg: Config, resume: str | None, accelerator: Accelerator, stop: StopSignal) -> int:
-    t = cfg.train
-    output_dir = Path(t.output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = world * t.gradient_accumulation_steps
-    if t.batch_size % per_step:
+def micro_batch_size(accelerator: Accelerator, train_cfg: TrainConfig) -> int:
+    """Images per micro-batch: the global batch split over processes and accumulation steps, which must divide it."""
+    per_step = accelerator.num_processes * train_cfg.gradient_accumulation_steps
+    if train_cfg.batch_size % per_step:
         raise ConfigError(
-            f"train.batch_size {t.batch_size} must be divisible by processes x accumulation steps = {per_step}; "
+            f"train.batch_size {train_cfg.batch_size} must be divisible by processes x accumulation steps = {per_step}; "
             f"use a multiple of {per_step}"
         )
-    micro_batch = t.batch_size // per_step
-    checkpoint = resolve_resume(output_dir, resume, accelerator.print)
-    changes = resume_changes(load_config(checkpoint / CONFIG_FILE), cfg) if checkpoint else []
-    claim(output_dir, checkpoint, t.overwrite, move=False)
+    return train_cfg.batch_size // per_step
+
+
+def claim_output_dir(accelerator: Accelerator, output_dir: Path, checkpoint: Path | None, overwrite: bool) -> None:
+    """Make ``output_dir`` hold this run alone (``run_dir.claim``): every rank checks, the main process moves aside."""
+    claim(output_dir, checkpoint, overwrite, move=False)
     accelerator.wait_for_everyone()  # every rank has read the checkpoints before the main process moves any aside
-    if accelerator.is_main_process and (moved := claim(output_dir, checkpoint, t.overwrite, move=True)):
+    if accelerator.is_main_process and (moved := claim(output_dir, checkpoint, overwrite, move=True)):
         accelerator.print(moved)
 
-    data = load_image_data(cfg.data)
-    if len(data) < t.batch_size:
-        raise ConfigError(f"the data set has {len(data)} images, fewer than train.batch_size {t.batch_size}")
-    loader = make_loader(data, micro_batch, t.seed, t.batch_size)
-    torch.manual_seed(t.seed)
-    unet = build_unet(cfg, data)
-    if t.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    noise_scheduler = make_train_scheduler(cfg.diffusion, cfg.model.learned_variance)
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-        fused=accelerator.device.type == "cuda",
-    )
-    steps_per_epoch = len(loader) // (world * t.gradient_accumulation_steps)
-    limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
+
+def step_budget(train_cfg: TrainConfig, steps_per_epoch: int) -> int | None:
+    """The optimizer steps ``train.max_steps`` and ``train.max_epochs`` allow (the fewer), None without either."""
+    limits = [s for s in (train_cfg.max_steps, train_cfg.max_epochs and train_cfg.max_epochs * steps_per_epoch) if s]
     max_steps = min(limits) if limits else None
-    if max_steps is None and t.lr_schedule != "constant":
-        raise ConfigError(f"train.lr_schedule {t.lr_schedule} needs a length: set train.max_steps or train.max_epochs")
-    lr_scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps or 10**9)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    raw_unet: ConditionalUNet = accelerator.unwrap_model(unet)
-    model = torch.compile(unet) if t.compile else unet
-    ema = EMAModel(
-        raw_unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=t.ema_power, foreach=True,
-        model_cls=ConditionalUNet, model_config=raw_unet.config,
-    )
-    ema.to(accelerator.device)
+    if max_steps is None and train_cfg.lr_schedule != "constant":
+        raise ConfigError(f"train.lr_schedule {train_cfg.lr_schedule} needs a length: set train.max_steps or train.max_epochs")
+    return max_steps
+
+
+def resume_from(accelerator: Accelerator, checkpoint: Path | None, resume: str | None, changes: list[str], cfg: Config,
+                optimizer: torch.optim.Optimizer, lr_scheduler, ema: EMAModel) -> Progress:
+    """The loop's progress: from ``checkpoint`` (its states loaded, then ``changes``, this start's optimisation
+    settings, applied), else from step 0."""
     progress = Progress()
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, ema, progress)
-        apply_optimisation(t, optimizer, lr_scheduler, ema)
+        apply_optimisation(cfg.train, optimizer, lr_scheduler, ema)
         accelerator.print(f"resumed from {checkpoint} at step {progress.step}"
                           + "".join(f"\n  config change applied: {line}" for line in changes))
     elif resume == "latest":
-        accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
+        accelerator.print(f"no checkpoint in {Path(cfg.train.output_dir) / 'checkpoints'}; starting from step 0")
+    return progress
+
+
+def start_logs(accelerator: Accelerator, cfg: Config, progress: Progress, micro_batch: int, steps_per_epoch: int,
+               unet: ConditionalUNet) -> None:
+    """Record this start: its config and status ``running`` (main process), the TensorBoard tracker, and one line
+    with the run's shape (job logs and tests read ``num_processes=``)."""
+    output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         save_start_config(cfg, output_dir, progress.step)
         write_status(output_dir, "running", progress.step)
     accelerator.init_trackers("train")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     accelerator.print(
-        f"num_processes={world} micro_batch={micro_batch} global_batch={t.batch_size} steps_per_epoch={steps_per_epoch} "
-        f"params={sum(p.numel() for p in raw_unet.parameters()) / 1e6:.2f}M device={accelerator.device} "
-        f"mixed_precision={t.mixed_precision}" + (f" SLURM_RESTART_COUNT={restarts}" if restarts else "")
+        f"num_processes={accelerator.num_processes} micro_batch={micro_batch} global_batch={cfg.train.batch_size} "
+        f"steps_per_epoch={steps_per_epoch} params={sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
+        f"device={accelerator.device} mixed_precision={cfg.train.mixed_precision}"
+        + (f" SLURM_RESTART_COUNT={restarts}" if restarts else "")
     )
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor, micro: int, draws: StepDraws) -> torch.Tensor:
-        """One micro-batch: noise the images at random timesteps, predict, backprop. Returns the loss."""
-        # The whole optimizer step's randomness is drawn on every rank and sliced: micro-batch m of rank r holds
-        # global batch positions (m * world + r) * micro_batch..., as Accelerate deals batches round-robin.
-        mine = slice((micro * world + rank) * micro_batch, (micro * world + rank + 1) * micro_batch)
-        noise, timesteps, drop, flip = draws.noise[mine], draws.timesteps[mine], draws.drop[mine], draws.flip[mine]
-        clean = to_model_range(images)
-        if cfg.data.random_flip:
-            clean = flip_where(clean, flip)
-        if raw_unet.null_class is not None:
-            labels = torch.where(drop, raw_unet.null_class, labels)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        if t.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        raw_unet.set_dropout_rows(hash((t.seed, progress.step, 1)), mine, t.batch_size)
-        with accelerator.autocast():
-            prediction = model(noisy, timesteps, labels).sample
-        loss = diffusion_loss(prediction, clean, noise, noisy, timesteps, noise_scheduler, cfg.diffusion)
-        accelerator.backward(loss)
-        return loss.detach()
 
-    evaluator = None
-    if t.eval_every and accelerator.is_main_process:
-        from pipeline.evaluation import Evaluator  # loads the data set's classifier (accuracy, cfid); fails at start if there is none
+def make_evaluator(accelerator: Accelerator, cfg: Config) -> Evaluator | None:
+    """The main process's ``Evaluator`` when ``train.eval_every`` is set, else None. Built at start: a data set
+    without a classifier (for accuracy, cfid) fails now, not at the first evaluation."""
+    if not (cfg.train.eval_every and accelerator.is_main_process):
+        return None
+    from pipeline.evaluation import Evaluator  # loads the data set's classifier
 
-        # distances to (up to 10,000 of) the images it trains on; cached on disk after the first evaluation
-        reference = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 10_000, 10_000))
-        evaluator = Evaluator(cfg.data.dataset, metrics=t.eval_metrics, reference=reference, device=accelerator.device)
-    bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
-               mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch log file gets a line every 30 s, not every step
-    loss_sum = torch.zeros((), device=accelerator.device)
-    guard = FiniteGuard(accelerator.device)
-    steps_since_log = 0
-    grad_norm = None
-    started = last_log = time.time()
-    images_at_log = progress.images_seen
-    status = "finished"
-    done = max_steps is not None and progress.step >= max_steps
-    while not done:
-        epoch, step_in_epoch = divmod(progress.step, steps_per_epoch)
+    # distances to (up to 10,000 of) the images it trains on; cached on disk after the first evaluation
+    reference = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 10_000, 10_000))
+    return Evaluator(cfg.data.dataset, metrics=cfg.train.eval_metrics, reference=reference, device=accelerator.device)
+
+
+def endless_batches(accelerator: Accelerator, loader: torch.utils.data.DataLoader, steps_per_epoch: int,
+                    first_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches from optimizer step ``first_step`` on, epoch after epoch without end. It owns the
+    epochs: ``set_epoch`` orders each one, and the epoch a resumed run starts in skips the steps already taken."""
+    epoch, steps_taken = divmod(first_step, steps_per_epoch)
+    while True:
         loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, step_in_epoch * t.gradient_accumulation_steps) if step_in_epoch else loader
-        micro = 0
-        for images, labels in epoch_loader:
-            if micro == 0:  # once per optimizer step, shared by its micro-batches
-                draws = StepDraws.draw(t.seed, progress.step, t.batch_size, images.shape[1:],
-                                       noise_scheduler.config.num_train_timesteps, cfg.diffusion.p_uncond, accelerator.device)
-            with accelerator.accumulate(unet):
-                loss_sum += train_step(images, labels, micro, draws) / t.gradient_accumulation_steps
-                if accelerator.sync_gradients and t.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            micro = 0
-            lr_scheduler.step()
-            ema.step(raw_unet.parameters())
-            progress.step += 1
-            progress.images_seen += t.batch_size
-            steps_since_log += 1
-            bar.update(1)
-            step = progress.step
-            guard.record(step, [loss_sum] + ([grad_norm] if grad_norm is not None else []))
-
-            if _due(step, t.log_every):
-                now = time.time()
-                logs = {
-                    "train/loss": accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log,
-                    "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/images_per_s": (progress.images_seen - images_at_log) / max(now - last_log, 1e-9),
-                    "train/epoch": progress.step / steps_per_epoch,
-                    "train/ema_decay": ema.cur_decay_value or 0.0,
-                }
-                if grad_norm is not None:
-                    logs["train/grad_norm"] = float(grad_norm)
-                if accelerator.device.type == "cuda":
-                    logs["train/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                accelerator.log(logs, step=step)
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_s']:.0f}")
-                loss_sum.zero_()
-                steps_since_log = 0
-                last_log, images_at_log = now, progress.images_seen
-
-            finished = max_steps is not None and step >= max_steps
-            scheduled = [_due(step, every) for every in (t.checkpoint_every, t.export_every, t.sample_every, t.eval_every)]
-            if not (finished or _due(step, t.log_every) or any(scheduled)):
-                continue  # the cross-rank checks below sync with the host: only every log_every steps and before saves
-            guard.record(step, [*raw_unet.parameters(), *ema.shadow_params])
-            out_of_time = t.max_minutes is not None and (time.time() - started) / 60 >= t.max_minutes
-            stop_now, bad_step = guard.agree(accelerator, bool(stop.received) or out_of_time)
-            if bad_step:
-                report_divergence(accelerator, output_dir, bad_step)
-                done, status = True, "diverged"
-                break
-            if _due(step, t.sample_every):
-                log_samples(accelerator, ema, raw_unet, noise_scheduler, cfg, step, output_dir)
-            if _due(step, t.eval_every):
-                log_metrics(accelerator, evaluator, ema, raw_unet, noise_scheduler, cfg, step)
-            if finished or stop_now or _due(step, t.checkpoint_every):
-                save_checkpoint(accelerator, output_dir, step, t.keep_checkpoints,
-                                lambda directory: save_loop_state(directory, ema, progress, cfg))
-            if finished or stop_now or _due(step, t.export_every):
-                record = TrainingRecord.of_this_process(cfg, step, progress.images_seen)
-                export(accelerator, ema, raw_unet, noise_scheduler, output_dir, record)
-            if finished or stop_now:
-                done = True
-                if not finished:
-                    status = "stopped_early"
-                    reason = stop.received or ("max_minutes" if out_of_time else None)
-                    accelerator.print(f"stopping early at step {step} ({reason}); checkpoint saved, resume with --resume latest")
-                break
-    bar.close()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        write_status(output_dir, status, progress.step)
-    return {"finished": 0, "stopped_early": EXIT_STOPPED_EARLY, "diverged": EXIT_DIVERGED}[status]
+        skip = steps_taken * accelerator.gradient_accumulation_steps
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, steps_taken = epoch + 1, 0
 
 
 def _due(step: int, every: int | None) -> bool:
     return bool(every) and step % every == 0
+
+
+def saves_due(step: int, train_cfg: TrainConfig) -> bool:
+    """Whether a checkpoint, export, sample grid or evaluation is due at ``step``."""
+    return any(_due(step, every) for every in (train_cfg.checkpoint_every, train_cfg.export_every, train_cfg.sample_every,
+                                               train_cfg.eval_every))
+
+
+def stop_request(stop: StopSignal, meter: Meter, max_minutes: float | None) -> str | None:
+    """Why this process would stop early: the signal it received, ``max_minutes`` when the time is up, else None."""
+    if stop.received:
+        return stop.received
+    return "max_minutes" if max_minutes is not None and meter.minutes() >= max_minutes else None
+
+
+EXIT_STATUS = {"finished": 0, "stopped_early": EXIT_STOPPED_EARLY, "diverged": EXIT_DIVERGED}
+
+
+def finish(accelerator: Accelerator, output_dir: Path, stop_reason: str, step: int) -> int:
+    """``status.json`` (job scripts read it, as ``accelerate launch`` reports any worker's exit 75 as 1) and the exit
+    status for ``stop_reason``: ``finished``, ``diverged``, or why the run stopped early (with a checkpoint)."""
+    status = stop_reason if stop_reason in EXIT_STATUS else "stopped_early"
+    if status == "stopped_early":
+        accelerator.print(f"stopping early at step {step} ({stop_reason}); checkpoint saved, resume with --resume latest")
+    if accelerator.is_main_process:
+        write_status(output_dir, status, step)
+    return EXIT_STATUS[status]
 
 
 def report_divergence(accelerator: Accelerator, output_dir: Path, bad_step: int) -> None:
@@ -465,10 +578,12 @@ def ema_unet(ema: EMAModel, unet: ConditionalUNet) -> ConditionalUNet:
     return copy.eval()
 
 
-def export(accelerator: Accelerator, ema: EMAModel, unet: ConditionalUNet, scheduler, output_dir: Path, record: TrainingRecord) -> None:
+def export(accelerator: Accelerator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config, progress: Progress) -> None:
+    """The EMA model as ``<output_dir>/pipeline``, with its model card."""
     if accelerator.is_main_process:
         accelerator.get_tracker("tensorboard", unwrap=True).flush()  # the model card reads the last eval/* metrics
-        export_pipeline(ema_unet(ema, unet), scheduler, output_dir, record)
+        record = TrainingRecord.of_this_process(cfg, progress.step, progress.images_seen)
+        export_pipeline(ema_unet(ema, unet), scheduler, Path(cfg.train.output_dir), record)
     accelerator.wait_for_everyone()
 
 
@@ -478,17 +593,10 @@ def log_samples(
 ) -> None:
     """One row per class from the EMA model into TensorBoard (``samples``) and ``samples/step_N.png``."""
     if accelerator.is_main_process:
-        from pipeline.evaluation.sampling import usable_guidance
-
-        pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=make_sampler(cfg.sample.sampler, scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        guidance = usable_guidance(pipe, cfg.sample.guidance_scale)
+        pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=scheduler)
         with accelerator.autocast():  # bf16 sampling is 2x faster on CPU at the same accuracy (docs/performance.md)
-            images = pipe(
-                class_labels=list(range(unet.config.num_classes)), num_images_per_label=per_class, guidance_scale=guidance,
-                num_inference_steps=cfg.sample.num_inference_steps, generator=torch.Generator(pipe.device).manual_seed(cfg.train.seed),
-                output_type="pt",
-            ).images
+            images = sample_images(pipe, cfg.sample, list(range(unet.config.num_classes)), cfg.train.seed,
+                                   num_images_per_label=per_class, output_type="pt").images
         grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)
         accelerator.get_tracker("tensorboard").log_images({"samples": grid[None].numpy()}, step=step)
         (output_dir / "samples").mkdir(exist_ok=True)
@@ -496,15 +604,14 @@ def log_samples(
     accelerator.wait_for_everyone()
 
 
-
 @torch.no_grad()
-def log_metrics(accelerator: Accelerator, evaluator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config, step: int) -> None:
+def log_metrics(accelerator: Accelerator, evaluator: Evaluator, ema: EMAModel, unet: ConditionalUNet, scheduler, cfg: Config,
+                step: int) -> None:
     """``train.eval_metrics`` of the EMA model (``eval/accuracy``, ``eval/cfid``, ``eval/fid`` in TensorBoard)."""
     if accelerator.is_main_process:
         from pipeline.evaluation import evaluate_for_training
 
         pipe = ConditionalDiffusionPipeline(unet=ema_unet(ema, unet), scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
         metrics = evaluate_for_training(pipe, evaluator, cfg.train.eval_per_class, cfg.sample, cfg.train.seed)
         accelerator.log(metrics, step=step)
     accelerator.wait_for_everyone()

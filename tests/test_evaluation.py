@@ -11,12 +11,13 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, SampleConfig
 from pipeline.data import load_image_data
-from pipeline.evaluation import FeatureStats, InceptionFeatures, conditional_accuracy, frechet_distance, inception_score, load_classifier
+from pipeline.evaluation import Evaluator, FeatureStats, InceptionFeatures, frechet_distance, inception_score, load_classifier
 from pipeline.evaluation.__main__ import main as evaluation_main
 from pipeline.evaluation.classifier import ImageClassifier, accuracy, train_classifier
 from pipeline.evaluation.fid import tf_bilinear_resize
+from pipeline.sampling import generate
 
 # TF-FID Inception pool_3 features of ``pattern_image()`` (docs/evaluation.md): the first five and the L2 norm.
 PATTERN_FEATURES_HEAD = [0.79541, 0.00143, 0.0, 0.36135, 0.16240]
@@ -162,7 +163,8 @@ def test_conditional_accuracy_of_an_untrained_model_is_chance(tiny_run: Path) ->
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(str(tiny_run / "pipeline"))
-    value = conditional_accuracy(pipe, "mnist", per_class=4, steps=3, batch_size=16)
+    samples = generate(pipe, per_class=4, sample=SampleConfig(num_inference_steps=3), batch_size=16)
+    value = Evaluator("mnist", metrics=("accuracy",)).score(samples)["accuracy"]
     assert 0.0 <= value <= 0.4
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.config import DataConfig, DiffusionConfig
+from pipeline.config import DataConfig, DiffusionConfig, ModelConfig
 from pipeline.data import load_image_data, to_model_range
 from pipeline.diffusion import diffusion_loss, make_train_scheduler, model_log_variance, snr, variational_bound
 from pipeline.models.unet import ConditionalUNet
@@ -86,6 +88,14 @@ def test_bad_construction_is_a_clear_error(overrides: dict, message: str) -> Non
 def test_input_size_the_levels_cannot_divide_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"input size \(27, 27\) must be divisible by 2"):
         tiny_unet()(torch.randn(1, 1, 27, 27), 0, torch.tensor([0]))
+
+
+def test_model_config_defaults_are_the_unets() -> None:
+    """The shipped U-Net file is self-contained (plain diffusers loads it), so it keeps its own defaults; a config's
+    model section builds it whole (``build_unet``), and its defaults must be the same model."""
+    unet_defaults = {name: p.default for name, p in inspect.signature(ConditionalUNet.__init__).parameters.items()}
+    for name, value in dataclasses.asdict(ModelConfig()).items():
+        assert unet_defaults[name] == value, name
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from pipeline import ConditionalDiffusionPipeline
 from pipeline.config import SampleConfig
 from pipeline.evaluation.metrics import Evaluator
-from pipeline.evaluation.sampling import generate
+from pipeline.sampling import generate
 from tests.conftest import REPO
 
 PRETRAINED = REPO / "data" / "pretrained" / "cifar10-cpu"

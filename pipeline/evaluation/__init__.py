@@ -9,8 +9,7 @@ See docs/evaluation.md for the metrics' definitions, conventions and costs.
 from pipeline.evaluation.classifier import ImageClassifier, load_classifier, train_classifier
 from pipeline.evaluation.fid import FeatureStats, InceptionFeatures, frechet_distance
 from pipeline.evaluation.inception_score import InceptionScoreUnavailable, inception_score
-from pipeline.evaluation.metrics import Evaluator, conditional_accuracy, evaluate, evaluate_for_training, markdown_table
-from pipeline.evaluation.sampling import Samples, generate
+from pipeline.evaluation.metrics import Evaluator, evaluate, evaluate_for_training, markdown_table
 
 __all__ = [
     "Evaluator",
@@ -18,12 +17,9 @@ __all__ = [
     "ImageClassifier",
     "InceptionFeatures",
     "InceptionScoreUnavailable",
-    "Samples",
-    "conditional_accuracy",
     "evaluate",
     "evaluate_for_training",
     "frechet_distance",
-    "generate",
     "inception_score",
     "load_classifier",
     "markdown_table",

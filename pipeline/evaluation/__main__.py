@@ -85,8 +85,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from pipeline.evaluation.metrics import Evaluator, evaluate, hardware, markdown_table, parse_metrics
-    from pipeline.evaluation.sampling import saved_run_config
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+    from pipeline.sampling import saved_run_config
 
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--per-class", args.per_class)):
         if value is not None and value < 1:
@@ -100,10 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
-    pipe = None
-    if args.pipeline:
-        pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device)
-        pipe.set_progress_bar_config(disable=True)
+    pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device) if args.pipeline else None
     evaluator = Evaluator(
         dataset, parse_metrics(args.metrics), args.classifier, DataConfig(dataset=dataset, split=args.ref_split, max_samples=ref_samples),
         device=state.device,

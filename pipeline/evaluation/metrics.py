@@ -1,7 +1,7 @@
 """Score sample sets and trained pipelines: conditional accuracy, classifier-feature FID, FID, Inception Score.
 
->>> from pipeline.evaluation import conditional_accuracy
->>> conditional_accuracy(pipe, "mnist", per_class=100, sampler="dpmsolver++", steps=20, guidance=2.0)
+>>> evaluator = Evaluator("data/mnist", metrics=("accuracy",))
+>>> evaluator.score(generate(pipe, per_class=100, sample=SampleConfig("dpmsolver++", 20, 2.0)))["accuracy"]
 0.97
 
 ``Evaluator`` holds what one data set needs (its classifier, the Inception network, cached reference
@@ -27,8 +27,8 @@ from pipeline.data import ImageData, load_image_data
 from pipeline.evaluation.classifier import ImageClassifier, load_classifier
 from pipeline.evaluation.fid import ClassifierFeatures, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
 from pipeline.evaluation.inception_score import ImageNetInceptionLogits, InceptionScoreUnavailable, inception_score
-from pipeline.evaluation.sampling import Precision, Samples, class_labels, generate
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.sampling import Precision, Samples, class_labels, generate
 
 METRICS = ("accuracy", "cfid", "fid", "is")
 METRIC_HELP = {
@@ -141,27 +141,6 @@ class Evaluator:
         shape = (len(labels), data.channels, data.size, data.size)
         images = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
         return Samples(images, labels)
-
-
-def conditional_accuracy(
-    pipe: ConditionalDiffusionPipeline,
-    classifier: ImageClassifier | str = "mnist",
-    per_class: int = 100,
-    sampler: str = "dpmsolver++",
-    steps: int = 20,
-    guidance: float = 2.0,
-    seed: int = 0,
-    batch_size: int | None = None,
-    mixed_precision: Precision = "auto",
-) -> float:
-    """Share of ``per_class`` samples per class that ``classifier`` assigns to the class they were drawn for."""
-    if not isinstance(classifier, ImageClassifier):
-        classifier = load_classifier(classifier, pipe.device)
-    sample = SampleConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=guidance)
-    samples = generate(pipe, per_class, sample, seed=seed, batch_size=batch_size, mixed_precision=mixed_precision)
-    with torch.inference_mode():
-        predicted = torch.cat([classifier(b.to(classifier.device).float() / 255).argmax(1).cpu() for b in samples.images.split(500)])
-    return (predicted == samples.labels).float().mean().item()
 
 
 def evaluate(

@@ -1,7 +1,8 @@
-"""Generate a class-balanced sample set from an exported pipeline, in batches, over any number of processes.
+"""Sampling a trained pipeline: one call for "this sampler, these steps, this guidance, quietly", and class-balanced
+sample sets in batches over any number of processes, for training, evaluation, figures, the demo and benchmarks.
 
-Batch b of the label list always uses the noise of ``seed`` and b, whichever process draws it, so the same
-command gives the same images with 1 process or with ``accelerate launch --num_processes 8``.
+In ``generate``, batch b of the label list always uses the noise of ``seed`` and b, whichever process draws it, so
+the same command gives the same images with 1 process or with ``accelerate launch --num_processes 8``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
@@ -17,7 +18,7 @@ from accelerate.utils import gather_object
 
 from pipeline.config import Config, SampleConfig, load_config
 from pipeline.diffusion import make_sampler
-from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, Labels
 
 
 @dataclass
@@ -36,16 +37,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def with_sampler(pipe: ConditionalDiffusionPipeline, sampler: str) -> ConditionalDiffusionPipeline:
-    """A pipeline sharing ``pipe``'s U-Net with the inference scheduler ``sampler`` (``pipe`` is untouched)."""
-    sampling = ConditionalDiffusionPipeline(unet=pipe.unet, scheduler=make_sampler(sampler, dict(pipe.scheduler.config)))
+def sample_images(pipe: ConditionalDiffusionPipeline, settings: SampleConfig, class_labels: Labels, seed: int,
+                  **options: Any) -> ConditionalPipelineOutput:
+    """``pipe``'s U-Net sampled with the sampler, steps and guidance scale of ``settings``, without a progress bar,
+    from ``torch.Generator(pipe.device).manual_seed(seed)``; ``pipe`` itself is untouched. ``options`` go to the
+    pipeline's call (``num_images_per_label``, ``output_type``, ``return_intermediates``, ...). Guidance other
+    than 1 on a model trained without a null class is the pipeline's ValueError."""
+    sampling = ConditionalDiffusionPipeline(unet=pipe.unet, scheduler=make_sampler(settings.sampler, dict(pipe.scheduler.config)))
     sampling.set_progress_bar_config(disable=True)
-    return sampling
-
-
-def usable_guidance(pipe: ConditionalDiffusionPipeline, scale: float) -> float:
-    """``scale``, or 1.0 (no guidance) for a model trained without a null class."""
-    return scale if pipe.unet.null_class is not None else 1.0
+    return sampling(class_labels=class_labels, guidance_scale=settings.guidance_scale, num_inference_steps=settings.num_inference_steps,
+                    generator=torch.Generator(pipe.device).manual_seed(seed), **options)
 
 
 def saved_run_config(pipeline_dir: str | Path | None, config: str | Path | None = None) -> Config:
@@ -105,13 +106,10 @@ def generate(
     ``batch_size`` (images per chunk) and ``mixed_precision`` default to the fastest for the device
     (``sampling_batch``, ``sampling_precision``). With ``state`` of several processes (``accelerate launch``),
     every process must call this: the batches are dealt round-robin and gathered, so each returns the whole set.
-    Without ``state`` this process draws every batch alone (what a training loop's main process wants). A model
-    trained without a null class is sampled without guidance.
+    Without ``state`` this process draws every batch alone (what a training loop's main process wants).
     """
     sample = sample or SampleConfig()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    sampling = with_sampler(pipe, sample.sampler)
-    guidance = usable_guidance(pipe, sample.guidance_scale)
     labels = class_labels(pipe.unet.config.num_classes, per_class)
     device = pipe.device
     batches = list(torch.split(torch.arange(len(labels)), batch_size or sampling_batch(device)))
@@ -121,12 +119,8 @@ def generate(
     )
     mine = []
     for b in range(rank, len(batches), world):
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
         with autocast:
-            images = sampling(
-                class_labels=labels[batches[b]], guidance_scale=guidance, num_inference_steps=sample.num_inference_steps,
-                generator=generator, output_type="pt",
-            ).images
+            images = sample_images(pipe, sample, labels[batches[b]], seed * 1_000_003 + b, output_type="pt").images
         mine.append((b, to_uint8(images)))
     if world > 1:
         mine = gather_object(mine)
