@@ -123,16 +123,23 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
 
     def check_guidance(self, guidance_scale: float) -> None:
-        """Raise ValueError unless this model can be sampled at ``guidance_scale``."""
-        if guidance_scale != 1.0 and self.unet.null_class is None:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs a null class, but this model was trained without one "
-                "(diffusion.p_uncond = 0); use guidance_scale=1.0 or retrain with p_uncond > 0"
-            )
+        """Raise ValueError unless this model can be sampled at ``guidance_scale``: finite, >= 0, and 1 (no guidance)
+        unless the model has a null class. The one guidance rule: ``__call__`` checks it once, before the first step."""
+        if guidance_scale != 1.0:
+            self._null_class(guidance_scale)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+    def _null_class(self, guidance_scale: float) -> int:
+        """The label that guidance at ``guidance_scale`` contrasts with; ValueError for a model trained without one."""
+        if self.unet.null_class is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a null class, but this model was trained without one "
+                "(diffusion.p_uncond = 0); use guidance_scale=1.0 or retrain with p_uncond > 0"
+            )
+        return self.unet.null_class
 
     def check_scheduler(self) -> None:
         """Raise ValueError for a scheduler that is broken upstream or does not fit this model's output."""
@@ -156,11 +163,10 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         (B, C, H, W), scalar t, (B,) labels -> (B, C, H, W), or (B, 2C, H, W) with a learned variance
         (the variance channels taken from the conditional half, as in GLIDE).
         """
-        self.check_guidance(guidance_scale)
         sample = sample.to(self.unet.dtype)
         if guidance_scale == 1.0:
             return self.unet(sample, t, labels).sample.float()
-        null = torch.full_like(labels, self.unet.null_class)
+        null = torch.full_like(labels, self._null_class(guidance_scale))
         output = self.unet(torch.cat([sample, sample]), t, torch.cat([labels, null])).sample.float()
         cond, uncond = output.chunk(2)
         channels = sample.shape[1]
