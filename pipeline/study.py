@@ -201,7 +201,8 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
             rows.append({"run": row.pop("name"), "dataset": dataset, **row})
     budget = {key: value for key, value in dataclasses.asdict(study_set.budget).items() if value is not None}
     result = {"set": study_set.name, "budget": budget, "seeds": study_set.seeds, "evaluate": dataclasses.asdict(ev),
-              "hardware": hardware(), "launcher": launcher, "rows": rows}
+              "hardware": hardware(), "launcher": launcher.replace(shlex.quote(sys.executable), "python"),  # no machine path in results
+              "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(report(result))

@@ -126,6 +126,7 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path) -> None:
     argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
     assert study.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
+    assert result["launcher"] == "python"  # the default launcher, without this machine's interpreter path
     runs = [(row["run"], row.get("guidance")) for row in result["rows"]]
     assert runs == [("baseline", 2.0), ("baseline", 1.0), ("baseline", 3.0), ("pure noise", None), ("real test set", None)]
     model_rows = [row for row in result["rows"] if row.get("guidance")]
