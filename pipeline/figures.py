@@ -153,6 +153,28 @@ def guidance_sweep(pipe: ConditionalDiffusionPipeline, out: str | Path, scales: 
     return _save(fig, out)
 
 
+def guidance_tradeoff(series: Mapping[str, Sequence[tuple[float, float, float]]], out: str | Path, distance: str = "cfid") -> Path:
+    """The guidance trade-off: conditional accuracy against a distance to the data (lower is better), one small point
+    per (scale, seed) and, per series, a line through the mean over seeds at each scale, labelled with the scale.
+
+    ``series``: name -> ``(guidance_scale, distance, accuracy)`` per evaluated seed."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for index, (name, points) in enumerate(series.items()):
+        color = f"C{index}"
+        scales = sorted({scale for scale, _, _ in points})
+        means = [np.mean([(d, a) for s, d, a in points if s == scale], axis=0) for scale in scales]
+        ax.scatter([d for _, d, _ in points], [a for _, _, a in points], s=10, alpha=0.35, color=color)
+        ax.plot([m[0] for m in means], [m[1] for m in means], marker="o", color=color, label=name)
+        for scale, (x, y) in zip(scales, means, strict=True):
+            ax.annotate(f"{scale:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xlabel(f"{distance} (lower is better)")
+    ax.set_ylabel("conditional accuracy")
+    ax.set_title("classifier-free guidance: accuracy against distance to the data\n(labels: guidance scale; faint: each seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def quality_curve(run_dir: str | Path, out: str | Path, batch_size: int, tags: Sequence[str] = ("eval/fid", "eval/accuracy")) -> Path:
     """Each in-training metric (``train.eval_every``) against wall-clock minutes of training and against images
     seen (step x ``batch_size``): one row of two panels per tag."""

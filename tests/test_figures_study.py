@@ -52,7 +52,7 @@ def test_loss_curve_from_tensorboard(tiny_run: Path, tmp_path: Path) -> None:  #
         figures.loss_curves({"empty": tmp_path}, tmp_path / "none.png")
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10", "datasets"])
+@pytest.mark.parametrize("name", ["mnist", "cifar10-cpu", "cifar10", "datasets"])
 def test_every_set_builds_valid_configs(name: str, tmp_path: Path) -> None:
     study_set = study.load_set(name)
     for run in study_set.runs:
@@ -68,7 +68,9 @@ def test_overlays_change_one_thing() -> None:
         "cosine": ("diffusion", "schedule", "cosine"),
         "cond-scale-shift": ("model", "conditioning", "scale_shift"),
         "no-attention": ("model", "attention_resolutions", ()),
-        "v-prediction": ("diffusion", "prediction_type", "v_prediction"),
+        "epsilon": ("diffusion", "prediction_type", "epsilon"),
+        "learned-variance": ("model", "learned_variance", True),
+        "translate": ("data", "translate", 2),
     }.items():
         changed = study.run_config(mnist, run, 0, Path("r")).to_dict()
         assert changed[section][key] == value != base[section][key]
@@ -93,14 +95,18 @@ def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:
         ({"evaluate": {"metrics": ["acuracy"]}}, r"evaluate.metrics: 'acuracy' is not allowed; did you mean accuracy"),
         ({"evaluate": {"ref_samples": "some"}}, r"evaluate.ref_samples: expected int, got 'some'"),
         ({"budget": {"step": 5}}, r"unknown config key 'budget.step'; did you mean budget.steps"),
-        ({"guidance_sweep": {"run": "x", "scales": "1,a"}}, r"guidance_sweep.scales: expected float, got 'a'"),
+        ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scale": [1, "a"]}}}}, r"sweeps.g.sample: guidance_scale: expected float"),
+        ({"sweeps": {"g": {"runs": ["y"], "sample": {"guidance_scale": [1]}}}}, r"sweeps.g.runs: y not among the runs x"),
+        ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scal": [1]}}}}, r"key 'guidance_scal'; did you mean guidance_scale"),
+        ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scale": 3}}}}, r"sweeps.g.sample: give each sampling key a non-empty list"),
         ({"seed": [0]}, r"unknown config key 'seed'; did you mean seeds"),
     ],
 )
 def test_set_sections_are_typed(tmp_path: Path, section: dict, message: str) -> None:
     cifar10, mnist = study.load_set("cifar10"), study.load_set("mnist")
     assert cifar10.evaluate.ref_samples == "all" and cifar10.evaluate.metrics == ("accuracy", "cfid", "fid", "is")
-    assert mnist.evaluate.mixed_precision == "bf16" and mnist.guidance_sweep.scales == (1.0, 2.0, 3.0, 5.0)
+    assert mnist.evaluate.mixed_precision == "bf16" and mnist.seeds == [0, 1, 2] and mnist.evaluate.per_class == 100
+    assert mnist.sweeps["guidance"].sample == {"guidance_scale": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": "configs/experiments/mnist-cpu-base.yaml", "runs": {"x": []}, **section}))
     with pytest.raises(ConfigError, match=message):
@@ -108,32 +114,72 @@ def test_set_sections_are_typed(tmp_path: Path, section: dict, message: str) -> 
 
 
 def test_study_end_to_end(tmp_path: Path, mnist_path: Path) -> None:
-    """One command: train a tiny run for 4 steps, evaluate, sweep guidance, write the table and figures."""
+    """One command: train a tiny run on two seeds for 4 steps, evaluate it at its own settings and two sweeps', write
+    the table and figures; a second command resumes without evaluating again, and re-evaluates only what is missing."""
     tiny = dict(zip([k[len("--model."):] for k in TINY_MODEL[::2]], TINY_MODEL[1::2], strict=True))
     spec = {
         "base": "configs/experiments/mnist-cpu-base.yaml",
+        "overrides": {"model": tiny, "data": {"dataset": str(mnist_path), "max_samples": 256}},
         "budget": {"steps": 4},
-        "seeds": [0],
+        "seeds": [0, 1],
         "evaluate": {"per_class": 2, "metrics": ["accuracy", "cfid"], "ref_samples": 50},
-        "guidance_sweep": {"run": "baseline", "scales": [1.0, 3.0]},
+        "sweeps": {
+            "guidance": {"runs": ["baseline"], "sample": {"guidance_scale": [1, 3.0]}},
+            "steps": {"runs": ["baseline"], "sample": {"num_inference_steps": [1]}, "against": {"num_inference_steps": 2}},
+        },
         "runs": {  # an inline overlay, then a named one
-            "baseline": [{"model": tiny, "data": {"dataset": str(mnist_path), "max_samples": 256},
-                          "train": {"log_every": 2, "warmup_steps": 1}, "sample": {"num_inference_steps": 2}}, "cosine"],
+            "baseline": [{"train": {"log_every": 2, "warmup_steps": 1}, "sample": {"num_inference_steps": 2}}, "cosine"],
         },
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
-    out = tmp_path / "out"
-    argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    out, runs_dir = tmp_path / "out", tmp_path / "runs"
+    argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(out), "--runs-dir", str(runs_dir)]
     assert study.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["launcher"] == "python"  # the default launcher, without this machine's interpreter path
-    runs = [(row["run"], row.get("guidance")) for row in result["rows"]]
-    assert runs == [("baseline", 2.0), ("baseline", 1.0), ("baseline", 3.0), ("pure noise", None), ("real test set", None)]
-    model_rows = [row for row in result["rows"] if row.get("guidance")]
+    runs = [(row["run"], row.get("seed"), row.get("variant")) for row in result["rows"]]
+    per_seed = ["s=3", "s=1", "dpmsolver++ 1 steps, s=3"]  # its own setting first, then the sweeps' (s=3 only once)
+    assert runs == [*[("baseline", seed, v) for seed in (0, 1) for v in per_seed], ("pure noise", None, None),
+                    ("real test set", None, None)]
+    model_rows = [row for row in result["rows"] if "seed" in row]
     assert all(row["final_loss"] > 0 and row["train_s"] > 0 and 0 <= row["accuracy"] <= 1 for row in model_rows)
+    assert [row["sweeps"] for row in model_rows[:3]] == [["guidance"], ["guidance"], ["steps"]]
     table = (out / "results.md").read_text()
-    assert "Budget: 4 steps per run" in table and "| baseline (s=3.0) |" in table
-    assert yaml.safe_load((tmp_path / "runs" / "baseline-s0" / "config.yaml").read_text())["diffusion"]["schedule"] == "cosine"
-    for name in ("loss", "samples-baseline-s0", "guidance", "reverse", "forward"):
+    assert "Budget: 4 steps per run; seeds [0, 1]" in table and "| baseline | s=3 | 2 |" in table
+    assert "## Sweep `steps`: num_inference_steps [1]; Δ against the same run with num_inference_steps 2" in table
+    assert yaml.safe_load((runs_dir / "baseline-s0" / "config.yaml").read_text())["diffusion"]["schedule"] == "cosine"
+    for name in ("loss", "samples-baseline", "guidance-guidance", "tradeoff", "reverse", "forward"):
         assert_picture(out / f"{name}.png")
-    assert study.main([*argv, "--report-only"]) == 0  # re-tabulates without training
+
+    # Resuming reads every evaluation back; a missing one, and only it, is evaluated again.
+    evaluations = sorted((runs_dir / "baseline-s1" / study.EVALUATIONS).glob("*.json"))
+    assert len(evaluations) == 3
+    written = {path: path.stat().st_mtime_ns for path in evaluations}
+    evaluations[0].unlink()
+    assert study.main([*argv, "--report-only"]) == 0
+    assert [path.stat().st_mtime_ns == when for path, when in written.items()] == [False, True, True]
+    again = json.loads((out / "results.json").read_text())
+    assert [row.get("accuracy") for row in again["rows"][:6]] == [row.get("accuracy") for row in result["rows"][:6]]
+
+
+def test_aggregate_means_deviations_and_marked_differences() -> None:
+    """Three seeds of a baseline and a run, and a sweep of the baseline against its own setting: the means, standard
+    deviations, Welch and paired standard errors, and which differences the report marks as beyond two errors."""
+    own = {"guidance_scale": 3.0}
+    low = {"guidance_scale": 1.0}
+    rows = [{"run": "baseline", "seed": s, "variant": "s=3", "sample": own, "sweeps": [], "accuracy": a} for s, a in
+            enumerate([0.90, 0.92, 0.94])]
+    rows += [{"run": "other", "seed": s, "variant": "s=3", "sample": own, "sweeps": [], "accuracy": a} for s, a in
+             enumerate([0.80, 0.81, 0.82])]
+    rows += [{"run": "baseline", "seed": s, "variant": "s=1", "sample": low, "sweeps": ["low"], "accuracy": a} for s, a in
+             enumerate([0.89, 0.93, 0.93])]
+    result = {"baseline": "baseline", "sweeps": {"low": {"runs": ["baseline"], "sample": {"guidance_scale": [1.0]},
+                                                        "against": {"guidance_scale": 3.0}}}, "rows": rows}
+    baseline, other, swept = study.aggregate(result)
+    assert baseline["accuracy"] == pytest.approx((0.92, 0.02)) and "delta_accuracy" not in baseline
+    difference, error = other["delta_accuracy"]  # Welch: sqrt(0.01^2/3 + 0.02^2/3)
+    assert difference == pytest.approx(-0.11) and error == pytest.approx(np.sqrt((0.01**2 + 0.02**2) / 3))
+    difference, error = swept["delta_accuracy"]  # paired over seeds: differences -0.01, +0.01, -0.01
+    assert difference == pytest.approx(-0.01 / 3) and error == pytest.approx(np.std([-0.01, 0.01, -0.01], ddof=1) / np.sqrt(3))
+    assert swept["reference"] == "baseline (s=3)" and other["reference"] == "baseline (s=3)"
+    assert study._delta(other["delta_accuracy"]).startswith("**-0.110") and not study._delta(swept["delta_accuracy"]).startswith("**")
