@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, SampleConfig, decode, load_config, read_yaml
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, decode, load_config, read_yaml
 from pipeline.evaluation.metrics import METRICS
 from pipeline.sampling import Precision
 
@@ -187,7 +187,7 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
             pipelines[(run, seed)] = (pipe, cfg)
             scales = study_set.guidance_sweep.scales if study_set.guidance_sweep.run == run else ()
             for scale in [cfg.sample.guidance_scale, *[s for s in scales if s != cfg.sample.guidance_scale]]:
-                sample = SampleConfig(cfg.sample.sampler, cfg.sample.num_inference_steps, scale)
+                sample = dataclasses.replace(cfg.sample, guidance_scale=scale)  # the run's interval and ramp stay
                 result = evaluate(pipe, evaluators[dataset], ev.per_class, sample, ev.seed, mixed_precision=ev.mixed_precision,
                                   baselines=False)
                 row = {k: v for k, v in result["rows"][0].items() if k != "name"}
