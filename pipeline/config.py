@@ -1,9 +1,9 @@
 """One typed configuration shared by training, evaluation, figures, the study runner and benchmarks.
 
 A run is described by a YAML file with the sections below, then overridden on the command line with
-``--section.key value`` (lists as ``1,2,2``; booleans as ``true``/``false``; ``none`` for unset). Unknown
-keys and ill-typed or out-of-range values fail at start with a message naming the key and the closest
-valid ones. ``python pipeline/train.py --help`` prints every option with its default and meaning.
+``--section.key value`` (lists as ``1,2,2`` or ``"[1, 2, 2]"``; booleans as ``true``/``false``; ``none`` for
+unset). Unknown keys and ill-typed or out-of-range values fail at start with a message naming the key and the
+closest valid ones. ``python pipeline/train.py --help`` prints every option with its default and meaning.
 
 The dataclasses are decoded by draccus (the dataclass configuration library LeRobot uses): ``draccus.decode``
 builds the sections from nested mappings and ``draccus.encode`` gives what ``Config.save`` writes. The spellings
@@ -40,6 +40,8 @@ from pipeline.diffusion import REFUSED_SAMPLERS, SamplerName
 from pipeline.errors import ConfigError as ConfigError  # re-exported: where every caller imports it from
 
 T = TypeVar("T")
+# sample.guidance_ramp's choices: pipeline_conditional.GUIDANCE_RAMPS (this module does not import the pipeline)
+GuidanceRamp = Literal["constant", "increasing", "decreasing"]
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -108,6 +110,23 @@ class SampleConfig:
     sampler: SamplerName = _opt("dpmsolver++", "inference scheduler (docs/samplers.md lists what works with what)")
     num_inference_steps: int = _opt(20, "denoising steps")
     guidance_scale: float = _opt(2.0, "classifier-free guidance scale (1.0 = none)")
+    guidance_interval: tuple[float, float] | None = _opt(
+        None, "guide only steps whose noise level sigma_t = sqrt((1-alpha_bar)/alpha_bar) is in (lo, hi], e.g. 0.3,5.0 "
+        "or 0.3,inf; the others run the conditional model alone (Kynkaanniemi et al. 2024; none = every step)"
+    )
+    guidance_ramp: GuidanceRamp = _opt(
+        "constant", "guidance weight over the steps: s at each, or rising (1 -> 2s-1) or falling (2s-1 -> 1) linearly, averaging s"
+    )
+
+    def guidance_text(self) -> str:
+        """``guidance scale 3.0``, with the ramp and interval where they are not the defaults, for cards and figures:
+        ``guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, 5]``."""
+        parts = [f"guidance scale {self.guidance_scale}"]
+        if self.guidance_ramp != "constant":
+            parts.append(f"{self.guidance_ramp} ramp")
+        if self.guidance_interval is not None:
+            parts.append("only at noise levels sigma in ({:g}, {:g}]".format(*self.guidance_interval))
+        return ", ".join(parts)
 
 
 @dataclass
@@ -213,13 +232,21 @@ def _decode_choice(hint: Any, raw: Any, path: Sequence[str]) -> Any:
 
 
 def _decode_tuple(hint: Any, raw: Any, path: Sequence[str]) -> tuple:
-    """``1,2,2`` (blank items dropped, so "" is empty), a YAML list, or one value."""
+    """``1,2,2`` or ``[1, 2, 2]`` (blank items dropped, so "" is empty), a YAML list, or one value; a fixed-length
+    tuple (``tuple[float, float]``) needs exactly its number of items."""
     if isinstance(raw, str):
-        items: Sequence[Any] = [item.strip() for item in raw.split(",") if item.strip()]
+        text = raw.strip()
+        if text[:1] + text[-1:] in ("[]", "()"):  # the YAML / Python spelling, as one would quote it on a command line
+            text = text[1:-1]
+        items: Sequence[Any] = [item.strip() for item in text.split(",") if item.strip()]
     else:
         items = raw if isinstance(raw, (list, tuple)) else [raw]
-    decode_item = get_decoding_fn(typing.get_args(hint)[0])
-    return tuple(decode_item(item, path) for item in items)
+    types_ = typing.get_args(hint)
+    if len(types_) == 2 and types_[1] is Ellipsis:
+        types_ = (types_[0],) * len(items)
+    elif len(items) != len(types_):
+        raise DecodingError(path, f"expected {len(types_)} values, got {len(items)}: {raw!r}")
+    return tuple(get_decoding_fn(kind)(item, path) for kind, item in zip(types_, items, strict=True))
 
 
 def _decode_union(hint: Any, raw: Any, path: Sequence[str]) -> Any:
@@ -300,6 +327,10 @@ def validate(cfg: Config) -> Config:
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0"),
         (s.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
         (0 <= s.guidance_scale < math.inf, "sample.guidance_scale must be >= 0 and finite"),
+        (s.guidance_interval is None or 0 <= s.guidance_interval[0] < s.guidance_interval[1],
+         "sample.guidance_interval must be lo,hi with 0 <= lo < hi (hi may be inf), e.g. 0.3,5.0, or none"),
+        (s.guidance_ramp == "constant" or s.guidance_scale >= 0.5,
+         f"sample.guidance_ramp {s.guidance_ramp} needs sample.guidance_scale >= 0.5 (its weights reach 2s - 1, which must be >= 0)"),
     ]
     for every in ("sample_every", "eval_every", "checkpoint_every", "export_every"):
         value = getattr(t, every)
@@ -393,5 +424,5 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return _type_name(next(a for a in args if a is not type(None))) + "|none"
     if origin in (tuple, list):
-        return f"{_type_name(args[0])},..."
+        return f"{_type_name(args[0])},..." if len(args) == 1 or args[-1] is Ellipsis else ",".join(map(_type_name, args))
     return getattr(hint, "__name__", str(hint))

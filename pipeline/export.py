@@ -25,7 +25,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
-from pipeline.config import SampleConfig
+from pipeline.config import SampleConfig, decode
 from pipeline.model_card import TrainingRecord, write_model_card
 
 # what a shipped module may import besides the standard library and the files shipped beside it
@@ -113,7 +113,7 @@ def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bo
 
     result = json.loads(evaluation.read_text()) if evaluation is not None else None
     if result is not None:  # ship the sampling that was measured (a guidance chosen after training, say)
-        record.config.sample = SampleConfig(**result["sample"])
+        record.config.sample = decode(SampleConfig, result["sample"])  # JSON lists back to tuples; older files lack keys
     build = out.parent / f".tmp-{out.name}"
     save_export(pipe, build, record)
     if half:  # after the card's sample grid, which a CPU draws in float32
@@ -121,13 +121,13 @@ def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bo
     record.config.save(build / "config.yaml")
     if result is not None:
         shutil.copyfile(evaluation, build / "metrics.json")
-        sample = result["sample"]
+        sample = record.config.sample
         reference = result["reference"]
         card = build / "README.md"
         card.write_text(card.read_text() + "\n" + "\n".join([
             "## Measured", "",
-            f"`python -m pipeline.evaluation evaluate` ({result['per_class']} samples per class, {sample['sampler']} "
-            f"{sample['num_inference_steps']} steps, guidance {sample['guidance_scale']}; distances against the "
+            f"`python -m pipeline.evaluation evaluate` ({result['per_class']} samples per class, {sample.sampler} "
+            f"{sample.num_inference_steps} steps, {sample.guidance_text()}; distances against the "
             f"{reference['split']} split, {reference['max_samples'] or 'all'} images; {result.get('hardware', '')}; "
             "`metrics.json` has every number):", "",
             markdown_table(result["rows"]),

@@ -116,7 +116,7 @@ def reverse_process(pipe: ConditionalDiffusionPipeline, out: str | Path, sample:
     ax.imshow(_tile(frames.flatten(0, 1), nrow=len(picks)), cmap="gray")
     _label_rows(ax, pipe.class_names, pipe.unet.config.sample_size)
     ax.set_xlabel(f"predicted x_0 after step {', '.join(str(i + 1) for i in picks)} of {len(steps)} ({sample.sampler})")
-    ax.set_title(f"reverse process, guidance {sample.guidance_scale}")
+    ax.set_title(f"reverse process, {sample.guidance_text()}")
     return _save(fig, out)
 
 
@@ -134,7 +134,7 @@ def class_grid(pipe: ConditionalDiffusionPipeline, out: str | Path, per_class: i
     fig, ax = plt.subplots(figsize=(0.6 * per_class + 1, 0.6 * pipe.unet.config.num_classes + 0.5))
     ax.imshow(_tile(images, nrow=per_class), cmap="gray")
     _label_rows(ax, pipe.class_names, pipe.unet.config.sample_size)
-    settings = f"{sample.sampler}, {sample.num_inference_steps} steps, guidance {sample.guidance_scale}"
+    settings = f"{sample.sampler}, {sample.num_inference_steps} steps, {sample.guidance_text()}"
     ax.set_title(f"{title}\n{settings}" if title else settings, fontsize=9)
     return _save(fig, out)
 
@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if needs_pipeline and not args.pipeline:
         parser.error(f"{args.figure} needs --pipeline")
     cfg = saved_run_config(args.pipeline)
-    sample = SampleConfig(args.sampler or cfg.sample.sampler, args.steps or cfg.sample.num_inference_steps,
-                          cfg.sample.guidance_scale if args.guidance is None else args.guidance)
+    sample = dataclasses.replace(  # the run's guidance interval and ramp stay
+        cfg.sample, sampler=args.sampler or cfg.sample.sampler, num_inference_steps=args.steps or cfg.sample.num_inference_steps,
+        guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance)
     out_dir = Path(args.out_dir) if args.out_dir else None
     path = (lambda name: out_dir / f"{name}.png") if out_dir else (lambda name: Path(args.out))
     wanted = ["forward", "reverse", "grid", "guidance", "loss"] if args.figure == "all" else [args.figure]

@@ -9,6 +9,7 @@ evaluation metrics (``eval/*`` in the run's TensorBoard logs) if there are any.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config
+from pipeline.config import Config, SampleConfig
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
 GRID_FILE = "samples.png"
@@ -88,6 +89,18 @@ def sampler_snippet(pipe: ConditionalDiffusionPipeline, sampler: str) -> tuple[s
     return name, f"pipe.scheduler = {name}.from_config(pipe.scheduler.config{arguments})"
 
 
+def guidance_arguments(sample: SampleConfig) -> str:
+    """The pipeline call's ``guidance_interval`` and ``guidance_ramp`` arguments where ``sample`` sets them, for the
+    snippet (an infinite bound as ``float("inf")``, which needs no import)."""
+    arguments = ""
+    if sample.guidance_interval is not None:
+        bounds = [repr(x) if math.isfinite(x) else 'float("inf")' for x in sample.guidance_interval]
+        arguments += f", guidance_interval=({', '.join(bounds)})"
+    if sample.guidance_ramp != "constant":
+        arguments += f", guidance_ramp={sample.guidance_ramp!r}"
+    return arguments
+
+
 def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, metrics: dict[str, tuple[int, float]]) -> str:
     """The card's Markdown (YAML front matter first)."""
     cfg = record.config
@@ -107,7 +120,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         f"{', '.join(pipe.class_names)}.", "",
         f"![samples]({GRID_FILE})", "",
         f"One row per class, {GRID_PER_CLASS} samples each: {cfg.sample.sampler}, {cfg.sample.num_inference_steps} steps, "
-        f"guidance scale {cfg.sample.guidance_scale}, seed {cfg.train.seed}.", "",
+        f"{cfg.sample.guidance_text()}, seed {cfg.train.seed}.", "",
         "## Use it", "",
         "With only `torch` and `diffusers` installed (the folder ships its code: `pipeline_conditional.py`, "
         "`sampler_checks.py`, `models/unet.py` and `unet/unet.py`):", "",
@@ -118,7 +131,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
         scheduler_line + "  # the default is 1000-step DDPM",
         f"images = pipe(class_labels={examples!r}, num_images_per_label=4, guidance_scale={cfg.sample.guidance_scale}, "
-        f"num_inference_steps={cfg.sample.num_inference_steps}, generator=torch.manual_seed(0)).images",
+        f"num_inference_steps={cfg.sample.num_inference_steps}{guidance_arguments(cfg.sample)}, generator=torch.manual_seed(0)).images",
         "```", "",
         "`class_labels` takes class indices or names; `output_type` is `pil`, `np`, `pt` or `latent`. With this project "
         "installed, `pipeline.ConditionalDiffusionPipeline.from_pretrained(folder)` opens it without `trust_remote_code`, "

@@ -3,6 +3,7 @@
 >>> pipe = ConditionalDiffusionPipeline.from_pretrained("runs/quickstart/pipeline")
 >>> pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
 >>> images = pipe(class_labels=[3, "7"], guidance_scale=2.0, num_inference_steps=20).images
+>>> images = pipe(class_labels=[3], guidance_scale=3.0, guidance_interval=(0.3, 5.0), guidance_ramp="increasing").images
 
 Self-contained (torch and diffusers, and its relative imports): exports ship this file with the modules it
 imports, so that plain diffusers opens them (``pipeline.export``).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,8 @@ from .sampler_checks import check_sampler
 
 Labels = int | str | Sequence[Any] | torch.Tensor
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
+# how the guidance weight runs over the denoising steps (``guidance_weights``)
+GUIDANCE_RAMPS = ("constant", "increasing", "decreasing")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
     ``guidance_scale`` s follows diffusers: ``eps = eps_null + s * (eps_cond - eps_null)``; s = 1 is the
     plain conditional model, s > 1 strengthens the class. The seed paper and TeaPearce's
     Conditional_Diffusion_MNIST write ``eps = (1 + w) * eps_cond - w * eps_null``, so ``s = 1 + w``.
+    ``guidance_interval`` and ``guidance_ramp`` vary the weight over the steps (``guidance_weights``).
 
     Args:
         unet: a ``ConditionalUNet`` (typed ``ModelMixin``: plain diffusers loads the copy an export ships in
@@ -80,7 +85,9 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
 
     @property
     def guidance_scale(self) -> float:
-        """The classifier-free guidance scale of the running (or last) call; a step callback may change it."""
+        """The classifier-free guidance scale s requested of the running (or last) call, as in diffusers. With a
+        ``guidance_interval`` or ``guidance_ramp`` a step's weight differs from s (``guidance_weights``); a step
+        callback may change s, and the remaining steps then take their weights from the new s."""
         return self._guidance_scale
 
     @property
@@ -122,15 +129,21 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
         return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
 
-    def check_guidance(self, guidance_scale: float) -> None:
+    def check_guidance(self, guidance_scale: float, interval: tuple[float, float] | None = None, ramp: str = "constant") -> None:
         """Raise ValueError unless this model can be sampled at ``guidance_scale``: finite, >= 0, and 1 (no guidance)
-        unless the model has a null class. The one guidance rule: ``__call__`` checks it once, before the first step."""
+        unless the model has a null class; ``interval`` and ``ramp`` as ``guidance_weights`` takes them, a ramp with
+        s >= 0.5 (its weights reach 2s - 1, and no step's weight may be negative). The one guidance rule:
+        ``__call__`` checks it once, before the first step."""
         if guidance_scale != 1.0:
             self._null_class(guidance_scale)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        _check_schedule(interval, ramp)
+        if ramp != "constant" and guidance_scale < 0.5:
+            raise ValueError(f"guidance_ramp {ramp!r} at guidance_scale {guidance_scale} gives steps the negative weight "
+                             f"{2 * guidance_scale - 1:g} (2s - 1); use guidance_scale >= 0.5 or guidance_ramp 'constant'")
 
     def _null_class(self, guidance_scale: float) -> int:
         """The label that guidance at ``guidance_scale`` contrasts with; ValueError for a model trained without one."""
@@ -187,6 +200,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_ramp: str = "constant",
     ) -> ConditionalPipelineOutput | tuple:
         """Sample one image per (label, repeat).
 
@@ -205,9 +220,17 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                 ``callback_kwargs`` the tensors named in ``callback_on_step_end_tensor_inputs``; the dict it returns
                 replaces them (``"latents"``: the (N, C, H, W) sample x_t).
             callback_on_step_end_tensor_inputs: a subset of ``_callback_tensor_inputs``.
+            guidance_interval: (lo, hi): guide only the steps whose noise level sigma_t = sqrt((1 - alpha_bar_t) /
+                alpha_bar_t) lies in (lo, hi], 0 <= lo < hi (hi may be ``math.inf``), as in Kynkaanniemi et al. 2024
+                (the EDM sigma); the other steps run the conditional model alone (weight 1, one forward of N images).
+                None: every step.
+            guidance_ramp: ``"constant"`` (weight s at every step), ``"increasing"`` (1 + (s - 1) 2p at progress
+                p = i / (n - 1) of step i of n: little guidance at high noise, most at the end) or ``"decreasing"``
+                (1 + (s - 1) 2(1 - p)); both ramps average s over the steps (Wang et al. 2024). With an interval,
+                the ramp's weight applies inside it and 1 outside. ``guidance_weights`` gives every step's weight.
         """
         labels = self.label_tensor(class_labels, num_images_per_label)
-        self.check_guidance(guidance_scale)
+        self.check_guidance(guidance_scale, guidance_interval, guidance_ramp)
         if num_inference_steps is None:
             num_inference_steps = 1000 if isinstance(self.scheduler, DDPMScheduler) else 50
         if num_inference_steps < 1:
@@ -235,12 +258,17 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         # only DDPMScheduler(variance_type="learned_range") reads the variance channels; the others get the mean's
         keeps_variance = isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type == "learned_range"
         step_kwargs = self._step_kwargs(generator)
+        sigmas = noise_levels(self.scheduler)
+        planned, weights = None, []
         intermediates = []
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:
                 continue
+            if self.guidance_scale != planned:  # the first step, or a step callback changed s: the rest follow it
+                planned = self.guidance_scale
+                weights = guidance_weights(planned, sigmas, guidance_interval, guidance_ramp)
             model_input = self.scheduler.scale_model_input(sample, t)
-            output = self.predict_noise(model_input, t, labels, self.guidance_scale)
+            output = self.predict_noise(model_input, t, labels, weights[i])
             if not keeps_variance:
                 output = output[:, : config.in_channels]
             step = self.scheduler.step(output, t, sample, **step_kwargs)
@@ -287,6 +315,51 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             return images.cpu()
         array = images.cpu().permute(0, 2, 3, 1).numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def noise_levels(scheduler: SchedulerMixin) -> list[float]:
+    """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each of ``scheduler.timesteps`` (after
+    ``set_timesteps``), from the training schedule's ``alphas_cumprod``, the same sigma for every sampler: the
+    Euler samplers' timesteps are floats (fractional with Karras sigmas), so each is rounded to its training step."""
+    alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
+    steps = scheduler.timesteps.double().cpu().round().long().clamp(0, len(alphas_cumprod) - 1)
+    alpha_bar = alphas_cumprod[steps]
+    return ((1 - alpha_bar) / alpha_bar).sqrt().tolist()
+
+
+def guidance_weights(guidance_scale: float, sigmas: Sequence[float], interval: tuple[float, float] | None = None,
+                     ramp: str = "constant") -> list[float]:
+    """The guidance weight of each of the n steps whose noise levels are ``sigmas`` (in sampling order, as
+    ``noise_levels`` gives them): 1 where ``interval`` (lo, hi] excludes sigma, else by ``ramp`` at progress
+    p = i / (n - 1) (p = 1/2 for a single step, so that every ramp averages s): ``"constant"`` s, ``"increasing"``
+    1 + (s - 1) 2p, ``"decreasing"`` 1 + (s - 1) 2(1 - p). ValueError for a malformed interval or unknown ramp."""
+    _check_schedule(interval, ramp)
+    last = len(sigmas) - 1
+    weights = []
+    for i, sigma in enumerate(sigmas):
+        progress = i / last if last else 0.5
+        if interval is not None and not interval[0] < sigma <= interval[1]:
+            weights.append(1.0)
+        elif ramp == "constant":
+            weights.append(guidance_scale)  # s itself, not 1 + (s - 1): constant guidance stays bit-exact
+        else:
+            weights.append(1 + (guidance_scale - 1) * 2 * (progress if ramp == "increasing" else 1 - progress))
+    return weights
+
+
+def _check_schedule(interval: tuple[float, float] | None, ramp: str) -> None:
+    """ValueError unless ``ramp`` is one of ``GUIDANCE_RAMPS`` and ``interval`` None or two numbers 0 <= lo < hi."""
+    if ramp not in GUIDANCE_RAMPS:
+        raise ValueError(f"guidance_ramp {ramp!r} unknown; choose one of {', '.join(GUIDANCE_RAMPS)}")
+    if interval is None:
+        return
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2
+            and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in interval)):
+        raise ValueError(f"guidance_interval must be two noise levels (lo, hi), e.g. (0.3, 5.0), or None; got {interval!r}")
+    lo, hi = interval
+    if not 0 <= lo < hi:  # also false for NaN
+        raise ValueError(f"guidance_interval (lo, hi) needs 0 <= lo < hi (hi may be inf), got {interval!r}; "
+                         "e.g. (0.3, 5.0), or (0, inf) for every step")
 
 
 def _flatten(class_labels: Labels) -> list:

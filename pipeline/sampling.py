@@ -39,14 +39,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def sample_images(pipe: ConditionalDiffusionPipeline, settings: SampleConfig, class_labels: Labels, seed: int,
                   **options: Any) -> ConditionalPipelineOutput:
-    """``pipe``'s U-Net sampled with the sampler, steps and guidance scale of ``settings``, without a progress bar,
-    from ``torch.Generator(pipe.device).manual_seed(seed)``; ``pipe`` itself is untouched. ``options`` go to the
-    pipeline's call (``num_images_per_label``, ``output_type``, ``return_intermediates``, ...). Guidance other
+    """``pipe``'s U-Net sampled with the sampler, steps and guidance (scale, interval, ramp) of ``settings``, without a
+    progress bar, from ``torch.Generator(pipe.device).manual_seed(seed)``; ``pipe`` itself is untouched. ``options`` go
+    to the pipeline's call (``num_images_per_label``, ``output_type``, ``return_intermediates``, ...). Guidance other
     than 1 on a model trained without a null class is the pipeline's ValueError."""
     sampling = ConditionalDiffusionPipeline(unet=pipe.unet, scheduler=make_sampler(settings.sampler, dict(pipe.scheduler.config)))
     sampling.set_progress_bar_config(disable=True)
     return sampling(class_labels=class_labels, guidance_scale=settings.guidance_scale, num_inference_steps=settings.num_inference_steps,
-                    generator=torch.Generator(pipe.device).manual_seed(seed), **options)
+                    generator=torch.Generator(pipe.device).manual_seed(seed), guidance_interval=settings.guidance_interval,
+                    guidance_ramp=settings.guidance_ramp, **options)
 
 
 def saved_run_config(pipeline_dir: str | Path | None, config: str | Path | None = None) -> Config:
@@ -101,7 +102,7 @@ def generate(
     mixed_precision: Precision = "auto",
     state: PartialState | None = None,
 ) -> Samples:
-    """``per_class`` images of every class with ``sample``'s sampler, steps and guidance scale.
+    """``per_class`` images of every class with ``sample``'s sampler, steps and guidance.
 
     ``batch_size`` (images per chunk) and ``mixed_precision`` default to the fastest for the device
     (``sampling_batch``, ``sampling_precision``). With ``state`` of several processes (``accelerate launch``),

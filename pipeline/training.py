@@ -112,8 +112,10 @@ def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
                                use_null_class=cfg.diffusion.p_uncond > 0)
     except ValueError as error:  # the model's own checks of its config (sizes, heads): bad input
         raise ConfigError(str(error)) from None
+    sample = cfg.sample
     try:
-        ConditionalDiffusionPipeline(unet=unet, scheduler=None).check_guidance(cfg.sample.guidance_scale)
+        ConditionalDiffusionPipeline(unet=unet, scheduler=None).check_guidance(sample.guidance_scale, sample.guidance_interval,
+                                                                               sample.guidance_ramp)
     except ValueError as error:  # the pipeline's guidance rule, now rather than at the first sample grid or export
         raise ConfigError(f"sample.{error}") from None
     return unet

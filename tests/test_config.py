@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, load_config, options_help
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, GuidanceRamp, load_config, options_help
 from pipeline.data import resolve_dataset_path
+from pipeline.pipeline_conditional import GUIDANCE_RAMPS
 
 STOP = {"train.max_steps": 10}
 
@@ -54,6 +57,12 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         ("train.lr", "1e-3", 1e-3),
         ("train.batch_size", 32.0, 32),
         ("data.split", 2017, "2017"),
+        ("model.channel_mult", "[1, 2]", (1, 2)),
+        ("sample.guidance_interval", "0.3,5", (0.3, 5.0)),
+        ("sample.guidance_interval", "[0.3, 5.0]", (0.3, 5.0)),
+        ("sample.guidance_interval", [0, "inf"], (0.0, math.inf)),
+        ("sample.guidance_interval", "none", None),
+        ("sample.guidance_ramp", "increasing", "increasing"),
     ],
 )
 def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: Any) -> None:
@@ -92,10 +101,21 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
         ({"train.seed": -1}, r"train.seed must be >= 0"),
         ({"sample.guidance_scale": "nan"}, r"sample.guidance_scale must be >= 0 and finite"),
         ({"sample.guidance_scale": "inf"}, r"sample.guidance_scale must be >= 0 and finite"),
+        ({"sample.guidance_interval": "5,0.3"}, r"sample.guidance_interval must be lo,hi with 0 <= lo < hi"),
+        ({"sample.guidance_interval": "nan,1"}, r"sample.guidance_interval must be lo,hi with 0 <= lo < hi"),
+        ({"sample.guidance_interval": "-1,1"}, r"sample.guidance_interval must be lo,hi with 0 <= lo < hi"),
+        ({"sample.guidance_interval": "0.3"}, r"sample.guidance_interval: expected 2 values, got 1"),
+        ({"sample.guidance_interval": [0.3, 1, 5]}, r"sample.guidance_interval: expected 2 values, got 3"),
+        ({"sample.guidance_interval": "0.3,x"}, r"sample.guidance_interval: expected float, got 'x'"),
+        ({"sample.guidance_ramp": "up"}, r"sample.guidance_ramp: 'up' is not allowed; valid: constant, increasing, decreasing"),
+        ({"sample.guidance_ramp": "increasing", "sample.guidance_scale": 0.2},
+         r"sample.guidance_ramp increasing needs sample.guidance_scale >= 0.5"),
     ],
     ids=["key", "section", "not-dotted", "literal", "sampler", "bool", "int", "float-for-int", "bool-for-int", "none",
          "list-item", "dropout", "p_uncond", "max_steps", "no-stop", "refused-sampler", "grad-norm-nan", "grad-norm-negative",
-         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "seed", "guidance-nan", "guidance-inf"],
+         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "seed", "guidance-nan", "guidance-inf",
+         "interval-reversed", "interval-nan", "interval-negative", "interval-one-value", "interval-three-values",
+         "interval-not-a-number", "ramp", "ramp-negative-weight"],
 )
 def test_bad_values_are_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -148,6 +168,25 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+def test_guidance_schedule_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(overrides=STOP | {"sample.guidance_interval": "0.3,inf", "sample.guidance_ramp": "decreasing"})
+    cfg.save(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sample"]["guidance_interval"] == [0.3, math.inf]
+    loaded = load_config(tmp_path / "config.yaml")
+    assert loaded == cfg and loaded.sample.guidance_interval == (0.3, math.inf) and loaded.sample.guidance_ramp == "decreasing"
+
+
+def test_guidance_ramp_choices_are_the_pipelines() -> None:
+    assert typing.get_args(GuidanceRamp) == GUIDANCE_RAMPS
+
+
+def test_bad_guidance_interval_exits_2_with_one_line(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.train import main
+
+    assert main(["--train.max_steps", "1", "--sample.guidance_interval", "[5.0, 0.3]"]) == 2
+    assert capsys.readouterr().err.startswith("error: sample.guidance_interval must be lo,hi with 0 <= lo < hi")
+
+
 @pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     assert isinstance(load_config(path), Config)
@@ -161,6 +200,8 @@ def test_help_lists_every_option_with_its_default() -> None:
             assert f"--{section.name}.{option.name} " in text
     assert "--model.channel_mult int,... (default 1,2,2)" in text
     assert "--sample.sampler {ddpm|ddim|dpmsolver++|unipc|euler|euler_a}" in text
+    assert "--sample.guidance_interval float,float|none (default None)" in text
+    assert "--sample.guidance_ramp {constant|increasing|decreasing} (default constant)" in text
 
 
 def test_dataset_paths_resolve_against_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ and the evaluate command end to end on a tiny trained pipeline."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline.config import DataConfig, SampleConfig
+from pipeline.config import DataConfig, DiffusionConfig, SampleConfig
 from pipeline.data import load_image_data
 from pipeline.evaluation import Evaluator, FeatureStats, InceptionFeatures, frechet_distance, inception_score, load_classifier
 from pipeline.evaluation.__main__ import main as evaluation_main
@@ -191,6 +192,26 @@ def test_evaluate_cli_end_to_end(tiny_run: Path, tmp_path: Path, capsys: pytest.
 def test_evaluate_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
     assert evaluation_main(["evaluate", "--dataset", "data/mnist", "--metrics", "accuracy,bogus"]) == 2
     assert "unknown metric(s) bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--guidance-interval", "5,0.3"], r"error: guidance_interval \(lo, hi\) needs 0 <= lo < hi"),
+        (["--guidance-interval", "0.3"], r"error: guidance_interval: expected 2 values, got 1"),
+        (["--guidance", "0.2", "--guidance-ramp", "decreasing"], r"error: guidance_ramp 'decreasing' at guidance_scale 0\.2"),
+    ],
+    ids=["interval-reversed", "interval-one-value", "ramp-negative-weight"],
+)
+def test_evaluate_cli_refuses_a_bad_guidance_schedule(flags: list[str], message: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from pipeline.diffusion import make_train_scheduler
+    from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+    from tests.factories import tiny_unet
+
+    ConditionalDiffusionPipeline(unet=tiny_unet(), scheduler=make_train_scheduler(DiffusionConfig())).save_pretrained(tmp_path)
+    assert evaluation_main(["evaluate", "--pipeline", str(tmp_path), "--dataset", "data/mnist", *flags]) == 2
+    assert re.match(message, capsys.readouterr().err.splitlines()[-1])  # after from_pretrained's progress bar
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--per-class"])

@@ -19,6 +19,7 @@ import pipeline.sampler_checks
 from pipeline.config import DiffusionConfig, load_config
 from pipeline.diffusion import make_train_scheduler
 from pipeline.export import ExportError, local_imports, save_export, shipped_files
+from pipeline.model_card import TrainingRecord, model_card_text
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from tests.factories import tiny_unet
@@ -113,6 +114,22 @@ def test_model_card(tiny_run: Path) -> None:
     assert "Command: `" in body and "No in-training evaluation" in body
 
 
+def test_model_card_names_a_guidance_schedule_and_its_snippet_runs(tmp_path: Path) -> None:
+    pipe = ConditionalDiffusionPipeline(unet=tiny_unet(), scheduler=make_train_scheduler(DiffusionConfig()))
+    pipe.set_progress_bar_config(disable=True)
+    cfg = load_config(overrides={"train.max_steps": 1, "sample.num_inference_steps": 2, "sample.guidance_scale": 3.0})
+    plain = model_card_text(pipe, TrainingRecord(config=cfg, step=0, images_seen=0, run_dir=tmp_path), {})
+    assert "guidance scale 3.0, seed 0." in plain and "ramp" not in plain.split("```yaml")[0]
+    cfg.sample.guidance_interval, cfg.sample.guidance_ramp = (0.3, float("inf")), "increasing"
+    card = model_card_text(pipe, TrainingRecord(config=cfg, step=0, images_seen=0, run_dir=tmp_path), {})
+    assert "guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, inf], seed 0." in card
+    (snippet,) = [line for line in card.splitlines() if line.startswith("images = pipe(")]
+    assert 'guidance_interval=(0.3, float("inf")), guidance_ramp=\'increasing\'' in snippet
+    namespace = {"pipe": pipe, "torch": torch}
+    exec(snippet, namespace)  # the card's own call, as a reader would paste it
+    assert len(namespace["images"]) == 8
+
+
 def test_modules_that_plain_diffusers_cannot_import_are_refused(tmp_path: Path) -> None:
     module = tmp_path / "pipeline_x.py"
     module.write_text("import torch\nfrom pipeline.config import Config\n")
@@ -144,7 +161,10 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
 
     evaluation = tmp_path / "evaluation.json"
     assert evaluation_main(["evaluate", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "1", "--steps", "2",
-                            "--guidance", "1.5", "--metrics", "accuracy", "--no-baselines", "--out", str(evaluation)]) == 0
+                            "--guidance", "1.5", "--guidance-interval", "0.3,inf", "--guidance-ramp", "increasing",
+                            "--metrics", "accuracy", "--no-baselines", "--out", str(evaluation)]) == 0
+    recorded = json.loads(evaluation.read_text())["sample"]
+    assert recorded["guidance_interval"] == [0.3, float("inf")] and recorded["guidance_ramp"] == "increasing"
     out = tmp_path / "published"
     assert export_main([str(tiny_run), "--out", str(out), "--half", "--evaluation", str(evaluation), "--command", "python x.py"]) == 0
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as stored:
@@ -158,5 +178,7 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
     # what was measured is what ships: the card, its grid and config.yaml sample as the evaluation did
     shipped = load_config(out / "config.yaml").sample
     assert (shipped.guidance_scale, shipped.num_inference_steps) == (1.5, 2) and "guidance scale 1.5" in card
+    assert (shipped.guidance_interval, shipped.guidance_ramp) == ((0.3, float("inf")), "increasing")
+    assert "increasing ramp, only at noise levels sigma in (0.3, inf]" in card.split("## Measured")[1]
     assert load_config(tiny_run / "config.yaml").sample.guidance_scale != 1.5
     assert export_main([str(tiny_run), "--half"]) == 2  # --half without --out would rewrite the run's own export

@@ -1,9 +1,11 @@
-"""ConditionalDiffusionPipeline: outputs, determinism, classifier-free guidance, labels, save/load, bad input."""
+"""ConditionalDiffusionPipeline: outputs, determinism, classifier-free guidance and its schedules over the steps,
+labels, save/load, bad input."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 
-from pipeline.config import DiffusionConfig
+from pipeline.config import DiffusionConfig, SampleConfig
 from pipeline.diffusion import SAMPLERS, make_sampler, make_train_scheduler
 from pipeline.models.unet import ConditionalUNet
-from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, guidance_weights, noise_levels
+from pipeline.sampling import sample_images
 from tests.factories import IMAGE_SHAPES, single_threaded, tiny_unet
 
 pytestmark = pytest.mark.usefixtures(single_threaded.__name__)
@@ -213,6 +217,121 @@ def test_learned_variance_model_with_any_sampler(sampler: str) -> None:
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 
+# --- guidance over the steps: interval and ramps -----------------------------------------------------------------
+
+
+def linear_schedule_sigmas(timesteps: list[int]) -> list[float]:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of DDPM's linear schedule (betas 1e-4..0.02, T = 1000), in float64."""
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[timesteps]
+    return np.sqrt((1 - alpha_bar) / alpha_bar).tolist()
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_noise_levels_are_the_sigma_of_each_step(sampler: str) -> None:
+    """The same sigma for every sampler, whether its timesteps are ints or (Euler) floats, and for those that keep
+    their own sigmas, theirs."""
+    scheduler = make_sampler(sampler, make_train_scheduler(DiffusionConfig()).config)
+    scheduler.set_timesteps(7)
+    levels = noise_levels(scheduler)
+    assert levels == pytest.approx(linear_schedule_sigmas([int(t) for t in scheduler.timesteps]), rel=1e-4)
+    assert levels[0] == pytest.approx(157.4, abs=0.1) and levels == sorted(levels, reverse=True)
+    if hasattr(scheduler, "sigmas"):  # DPM-Solver, UniPC, Euler: (n + 1,) ending in 0
+        assert levels == pytest.approx(scheduler.sigmas[:-1].tolist(), rel=1e-5)
+
+
+def test_noise_levels_of_fractional_timesteps_round_to_a_training_step() -> None:
+    """Euler with Karras sigmas steps at fractional timesteps; sigma is read at the nearest training step."""
+    scheduler = EulerDiscreteScheduler.from_config(make_train_scheduler(DiffusionConfig()).config, use_karras_sigmas=True)
+    scheduler.set_timesteps(5)
+    assert any(t != round(t) for t in scheduler.timesteps.tolist())
+    assert noise_levels(scheduler) == pytest.approx(scheduler.sigmas[:-1].tolist(), rel=1e-2)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_ramps_average_the_scale_and_are_monotone(steps: int, scale: float) -> None:
+    sigmas = np.geomspace(150.0, 0.02, steps).tolist()
+    assert guidance_weights(scale, sigmas) == [scale] * steps
+    increasing = guidance_weights(scale, sigmas, ramp="increasing")
+    decreasing = guidance_weights(scale, sigmas, ramp="decreasing")
+    for weights, rising in ((increasing, scale >= 1), (decreasing, scale < 1)):
+        assert sum(weights) / steps == pytest.approx(scale)
+        assert weights == sorted(weights, reverse=not rising)
+    assert decreasing == pytest.approx(increasing[::-1])
+    if steps > 1:  # from no guidance to 2s - 1
+        assert increasing[0] == 1.0 and increasing[-1] == pytest.approx(2 * scale - 1)
+    if scale == 1.0:
+        assert increasing == decreasing == [1.0] * steps
+
+
+def test_interval_is_open_below_and_closed_above() -> None:
+    sigmas = [10.0, 5.0, 2.0, 1.0, 0.5]
+    assert guidance_weights(3.0, sigmas, (1.0, 5.0)) == [1.0, 3.0, 3.0, 1.0, 1.0]
+    assert guidance_weights(3.0, sigmas, (0.0, math.inf)) == [3.0] * 5
+    assert guidance_weights(3.0, sigmas, (20.0, math.inf)) == [1.0] * 5
+    # the ramp runs over all the steps; inside the interval a step keeps its weight (1 + i at s = 3, n = 5)
+    assert guidance_weights(3.0, sigmas, (1.0, 5.0), "increasing") == [1.0, 2.0, 3.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmsolver++", "euler"])
+def test_interval_of_no_step_is_no_guidance_and_of_every_step_is_constant_guidance(pipe: ConditionalDiffusionPipeline,
+                                                                                    sampler: str) -> None:
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    assert torch.equal(sample(pipe, guidance_scale=3.0, guidance_interval=(1e4, math.inf)), sample(pipe, guidance_scale=1.0))
+    guided = sample(pipe, guidance_scale=3.0)
+    assert torch.equal(sample(pipe, guidance_scale=3.0, guidance_interval=(0.0, math.inf)), guided)
+    assert not torch.equal(guided, sample(pipe, guidance_scale=1.0))
+
+
+def test_ramp_at_scale_one_is_no_guidance_and_above_differs_from_constant(pipe: ConditionalDiffusionPipeline) -> None:
+    plain = sample(pipe, guidance_scale=1.0)
+    for ramp in ("increasing", "decreasing"):
+        assert torch.equal(sample(pipe, guidance_scale=1.0, guidance_ramp=ramp), plain)
+    constant = sample(pipe, guidance_scale=3.0)
+    increasing = sample(pipe, guidance_scale=3.0, guidance_ramp="increasing")
+    decreasing = sample(pipe, guidance_scale=3.0, guidance_ramp="decreasing")
+    assert not torch.allclose(increasing, constant) and not torch.allclose(decreasing, constant)
+    assert not torch.allclose(increasing, decreasing)
+
+
+def test_null_class_forwards_run_only_inside_the_interval(pipe: ConditionalDiffusionPipeline) -> None:
+    """Steps outside the interval run one forward of the N conditional images; those inside, 2N with the null class."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(STEPS)
+    sigmas = noise_levels(scheduler)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[2].tolist()))
+    try:
+        sample(pipe, guidance_scale=3.0, guidance_interval=(sigmas[2], sigmas[0]))  # steps 0 and 1: (sigma_2, sigma_0]
+    finally:
+        hook.remove()
+    assert seen == [[1, 7, 10, 10], [1, 7, 10, 10], [1, 7], [1, 7]]
+
+
+def test_a_step_callback_that_changes_the_scale_changes_the_remaining_weights(pipe: ConditionalDiffusionPipeline) -> None:
+    """diffusers' convention: ``guidance_scale`` is the requested s, and a callback may change it mid-run."""
+    def stop_guiding(p: ConditionalDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        p._guidance_scale = 1.0
+        return tensors
+
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(len(args[2])))
+    try:
+        sample(pipe, guidance_scale=3.0, guidance_ramp="decreasing", callback_on_step_end=stop_guiding)
+    finally:
+        hook.remove()
+    assert seen == [4] + [2] * (STEPS - 1) and pipe.guidance_scale == 1.0
+
+
+def test_sample_images_passes_the_guidance_schedule_through(pipe: ConditionalDiffusionPipeline) -> None:
+    schedule = {"guidance_scale": 3.0, "guidance_interval": (0.5, 50.0), "guidance_ramp": "increasing"}
+    settings = SampleConfig(sampler="dpmsolver++", num_inference_steps=STEPS, **schedule)
+    images = sample_images(pipe, settings, [1, 7], seed=0, output_type="pt").images
+    pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
+    assert torch.equal(images, sample(pipe, **schedule))
+    assert not torch.equal(images, sample(pipe, guidance_scale=3.0))
+
+
 # --- labels ---------------------------------------------------------------------------------------------------
 
 
@@ -285,9 +404,19 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
          r"callback_on_step_end_tensor_inputs \['noise'\] unknown; choose from \['latents'\]"),
         ({"class_labels": 1, "guidance_scale": -1.0}, r"guidance_scale must be >= 0, got -1\.0"),
         ({"class_labels": 1, "guidance_scale": float("nan")}, r"guidance_scale must be finite, got nan"),
+        ({"class_labels": 1, "guidance_interval": (5.0, 1.0)}, r"guidance_interval \(lo, hi\) needs 0 <= lo < hi .*got \(5\.0, 1\.0\)"),
+        ({"class_labels": 1, "guidance_interval": (-1.0, 1.0)}, r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"),
+        ({"class_labels": 1, "guidance_interval": (float("nan"), 1.0)}, r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"),
+        ({"class_labels": 1, "guidance_interval": (0.3,)}, r"guidance_interval must be two noise levels \(lo, hi\)"),
+        ({"class_labels": 1, "guidance_interval": "0.3,5"}, r"guidance_interval must be two noise levels \(lo, hi\)"),
+        ({"class_labels": 1, "guidance_ramp": "linear"}, r"guidance_ramp 'linear' unknown; choose one of constant, increasing, decreasing"),
+        ({"class_labels": 1, "guidance_scale": 0.2, "guidance_ramp": "increasing"},
+         r"guidance_ramp 'increasing' at guidance_scale 0\.2 gives steps the negative weight -0\.6 .* use guidance_scale >= 0\.5"),
     ],
     ids=["label-high", "label-negative", "unknown-name", "empty", "float", "float-tensor", "bool", "per-label",
-         "steps", "too-many-steps", "output-type", "latents-shape", "callback-inputs", "negative-guidance", "nan-guidance"],
+         "steps", "too-many-steps", "output-type", "latents-shape", "callback-inputs", "negative-guidance", "nan-guidance",
+         "interval-reversed", "interval-negative", "interval-nan", "interval-one-value", "interval-string", "unknown-ramp",
+         "ramp-negative-weight"],
 )
 def test_bad_input_is_a_clear_value_error(pipe: ConditionalDiffusionPipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -4,10 +4,12 @@
     python -m pipeline.evaluation classifier test --classifier mnist --dataset ../shared/data/mnist
     python -m pipeline.evaluation evaluate --pipeline runs/x/pipeline --per-class 100 --sampler dpmsolver++ \\
         --steps 20 --guidance 2.0 --metrics accuracy,cfid,fid --out results.json
+    python -m pipeline.evaluation evaluate --pipeline runs/x/pipeline --guidance 3.0 --guidance-interval 0.3,5.0 \\
+        --guidance-ramp increasing --out results.json   # guidance only at noise levels in (0.3, 5], rising weight
     accelerate launch --num_processes 4 -m pipeline.evaluation evaluate ...   # sampling split over processes
 
 ``evaluate`` takes its defaults from the run's ``config.yaml`` (next to ``pipeline/``, or ``--config``):
-the data set (``data.dataset``) and the sampler, steps and guidance scale (``sample.*``). Without
+the data set (``data.dataset``) and the sampler, steps and guidance (``sample.*``). Without
 ``--pipeline`` it scores only the baselines (pure noise, real images): with ``--ref-split test --real-split
 train --metrics fid`` that is the train-vs-test FID sanity check. Exit status 2 on bad input.
 """
@@ -15,13 +17,15 @@ train --metrics fid`` that is the train-vs-test FID sanity check. Exit status 2 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, DataConfig, SampleConfig
+from pipeline.config import ConfigError, DataConfig, GuidanceRamp, SampleConfig, decode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", help="ddpm, ddim, dpmsolver++, unipc, euler, euler_a (default: the config's)")
     ev.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
     ev.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
+    ev.add_argument("--guidance-interval", metavar="LO,HI",
+                    help="guide only steps whose noise level sigma_t is in (LO, HI], e.g. 0.3,5.0 or 0.3,inf; "
+                         "none = every step (default: the config's sample.guidance_interval)")
+    ev.add_argument("--guidance-ramp", choices=typing.get_args(GuidanceRamp),
+                    help="guidance weight over the steps, averaging the scale (default: the config's sample.guidance_ramp)")
     ev.add_argument("--metrics", default="accuracy,cfid", help="comma list of accuracy, cfid, fid, is (default accuracy,cfid)")
     ev.add_argument("--classifier", help="committed name or directory (default: named like the data set)")
     ev.add_argument("--ref-split", default="train", help="split the distances are measured against (default train)")
@@ -93,14 +102,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
-    sample = SampleConfig(
-        sampler=args.sampler or cfg.sample.sampler,
-        num_inference_steps=cfg.sample.num_inference_steps if args.steps is None else args.steps,
-        guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
-    )
+    given = {"sampler": args.sampler, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+             "guidance_interval": args.guidance_interval, "guidance_ramp": args.guidance_ramp}
+    # decoded as the config's values are: "0.3,5.0", "[0.3, 5.0]" or "none" for the interval; ConfigError if malformed
+    sample = decode(SampleConfig, dataclasses.asdict(cfg.sample) | {key: value for key, value in given.items() if value is not None})
     ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device) if args.pipeline else None
+    if pipe is not None:  # a bad guidance fails now, not after the reference statistics
+        pipe.check_guidance(sample.guidance_scale, sample.guidance_interval, sample.guidance_ramp)
     evaluator = Evaluator(
         dataset, parse_metrics(args.metrics), args.classifier, DataConfig(dataset=dataset, split=args.ref_split, max_samples=ref_samples),
         device=state.device,

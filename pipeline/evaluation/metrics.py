@@ -11,6 +11,7 @@ test set) next to the model, and ``markdown_table`` renders the result.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -180,7 +181,7 @@ def evaluate(
         "reference": {"split": reference.split, "max_samples": reference.max_samples},
         "per_class": per_class,
         "seed": seed,
-        "sample": {"sampler": sample.sampler, "num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale},
+        "sample": dataclasses.asdict(sample),  # every SampleConfig field: guidance interval and ramp too
         "metrics": list(evaluator.metrics),
         "unavailable": dict(evaluator.unavailable),
         "rows": rows,
