@@ -153,12 +153,14 @@ def check_sweep(sweep: Sweep, runs: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}.runs: {', '.join(unknown)} not among the runs {', '.join(runs)}")
     if not sweep.sample or any(not isinstance(values, list) or not values for values in sweep.sample.values()):
         raise ConfigError(f"{source}.sample: give each sampling key a non-empty list, e.g. {{guidance_scale: [1.0, 3.0]}}")
-    for key, values in {**sweep.sample, **{k: [v] for k, v in sweep.against.items()}}.items():
-        for value in values:
-            try:
+    try:
+        for key, values in sweep.sample.items():
+            for value in values:
                 decode(SampleConfig, {key: value})
-            except ConfigError as error:
-                raise ConfigError(f"{source}.sample: {error}") from None
+        # decoded, so that the reference's settings compare equal to the evaluated ones (3 -> 3.0)
+        sweep.against = {key: getattr(decode(SampleConfig, {key: value}), key) for key, value in sweep.against.items()}
+    except ConfigError as error:
+        raise ConfigError(f"{source}.sample: {error}") from None
 
 
 def narrow(study_set: StudySet, runs: list[str]) -> None:
