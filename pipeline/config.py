@@ -101,6 +101,10 @@ class DataConfig:
     label_column: str | None = _opt(None, "label column (default: detected ClassLabel, e.g. label)")
     max_samples: int | None = _opt(None, "use only the first N rows (quick runs, tests)")
     random_flip: bool = _opt(False, "random horizontal flips (CIFAR-10 yes, digits no)")
+    translate: int = _opt(0, "random translation jitter of up to N pixels: pad and random crop back to size (the seed's "
+                             "random crops); black border for grayscale, mirrored for colour; 0 = off, < half the image size")
+    cutout: int = _opt(0, "side in pixels of one random square blanked per training image (Cutout, DeVries & Taylor "
+                          "2017); 0 = off, at most the image size")
 
 
 @dataclass
@@ -316,6 +320,8 @@ def validate(cfg: Config) -> Config:
         (0 < t.ema_power < math.inf, "train.ema_power must be > 0 and finite"),
         (t.seed >= 0, "train.seed must be >= 0"),
         (cfg.data.max_samples is None or cfg.data.max_samples >= 1, "data.max_samples must be >= 1 or none"),
+        (cfg.data.translate >= 0, "data.translate must be >= 0 pixels (0 = off)"),
+        (cfg.data.cutout >= 0, "data.cutout must be >= 0 pixels (0 = off)"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),
         (t.log_every >= 1, "train.log_every must be >= 1"),

@@ -4,17 +4,22 @@ A hub id (``ylecun/mnist``, ``uoft-cs/cifar10``), a directory of Parquet files o
 ``datasets.load_dataset``), or the output of ``Dataset.save_to_disk`` all give the same ``ImageData``. The
 image and label columns are detected (the ``Image`` feature; a ``ClassLabel`` or ``label``) unless configured,
 and the class names come from the ``ClassLabel`` feature.
+
+The training augmentations (``flip_where``, ``translate_where``, ``cutout_where``) are pure tensor functions of
+the images and of offsets drawn elsewhere (``training.StepDraws``), so the same draws give the same images on
+any device, process count or resume.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
 
@@ -179,3 +184,52 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 def flip_where(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) images with those where the (B,) bool ``flip`` is set mirrored left-right."""
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def translate_where(images: torch.Tensor, shifts: torch.Tensor, max_shift: int, border: float | Literal["reflect"]) -> torch.Tensor:
+    """(B, C, H, W) images, each moved by its row (down, right) of the (B, 2) integer ``shifts``, all within
+    [-max_shift, max_shift]: ``out[b, :, y, x] = images[b, :, y - down, x - right]`` (pad and crop back to size,
+    the random crops of the seed and of the classifiers' training). The uncovered border is ``border``: a
+    constant, or ``"reflect"``, the image mirrored at its edge (needs ``max_shift`` < H and W). One gather for
+    the batch, with no host sync, so it runs on the device inside the training step."""
+    batch, channels, height, width = images.shape
+    padding = (max_shift,) * 4
+    padded = F.pad(images, padding, mode="reflect") if border == "reflect" else F.pad(images, padding, value=border)
+    # out[y] = padded[y + max_shift - down]: the window of the padded image each image is cropped from
+    rows = torch.arange(height, device=images.device) + (max_shift - shifts[:, :1])  # (B, H)
+    cols = torch.arange(width, device=images.device) + (max_shift - shifts[:, 1:])  # (B, W)
+    index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channel = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def translation_border(channels: int, black: float) -> float | Literal["reflect"]:
+    """The ``border`` of ``translate_where`` for images with ``channels`` and ``black`` in their range. Grayscale
+    (MNIST, Fashion-MNIST) gets black, their background, so the fill is exact; colour photographs (CIFAR-10) are
+    mirrored at the edge, as the project's CIFAR-10 classifier trains, because a black band is an edge no
+    photograph has, and a generative model learns the augmented images' distribution, bands included."""
+    return black if channels == 1 else "reflect"
+
+
+def cutout_where(images: torch.Tensor, centers: torch.Tensor, size: int, value: float = 0.0) -> torch.Tensor:
+    """(B, C, H, W) images with, in each, the ``size`` x ``size`` square centred on its row (row, column) of the
+    (B, 2) integer ``centers`` set to ``value`` in every channel (Cutout, DeVries & Taylor 2017). The square
+    spans rows ``row - size // 2`` to ``row - size // 2 + size - 1`` (columns alike) and is clipped at the
+    border, so a centre near an edge blanks less, as in the paper, whose centres are uniform over the image."""
+    height, width = images.shape[-2:]
+    first = centers - size // 2  # (B, 2): the square's first row and column, possibly outside the image
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    in_rows = (rows >= first[:, :1]) & (rows < first[:, :1] + size)  # (B, H)
+    in_cols = (cols >= first[:, 1:]) & (cols < first[:, 1:] + size)  # (B, W)
+    return images.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], value)
+
+
+def check_augmentation(cfg: DataConfig, size: int) -> None:
+    """ConfigError where ``data.translate`` or ``data.cutout`` does not fit images of ``size`` px, which is known
+    only once the data set is loaded (``pipeline.config.validate`` checks that both are >= 0)."""
+    if 2 * cfg.translate >= size:
+        raise ConfigError(f"data.translate {cfg.translate} must be less than half the image size ({size} px); "
+                          f"use at most {(size - 1) // 2}")
+    if cfg.cutout > size:
+        raise ConfigError(f"data.cutout {cfg.cutout} must be at most the image size ({size} px); use at most {size}")

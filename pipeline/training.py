@@ -1,9 +1,9 @@
 """The training loop: Accelerate (DDP, bf16 autocast), diffusers EMA, TensorBoard, atomic checkpoints, resume.
 
-Everything random in a step (noise, timesteps, label dropout, flips, dropout masks) is drawn for the whole
-global batch from generators seeded by ``(seed, step)`` on every rank, and each micro-batch takes its rows.
-So a run is a pure function of its config: a resumed run repeats an uninterrupted one bit for bit, and
-2 processes x batch B take the same step as 1 process x batch 2B, dropout included.
+Everything random in a step (noise, timesteps, label dropout, flips, translations, Cutout squares, dropout
+masks) is drawn for the whole global batch from generators seeded by ``(seed, step)`` on every rank, and each
+micro-batch takes its rows. So a run is a pure function of its config: a resumed run repeats an uninterrupted
+one bit for bit, and 2 processes x batch B take the same step as 1 process x batch 2B, dropout included.
 """
 
 from __future__ import annotations
@@ -40,7 +40,18 @@ from pipeline.checkpointing import (
     save_checkpoint,
 )
 from pipeline.config import Config, ConfigError, TrainConfig, load_config
-from pipeline.data import ImageData, ImageDataset, flip_where, keep_batch, load_image_data, to_model_range
+from pipeline.data import (
+    ImageData,
+    ImageDataset,
+    check_augmentation,
+    cutout_where,
+    flip_where,
+    keep_batch,
+    load_image_data,
+    to_model_range,
+    translate_where,
+    translation_border,
+)
 from pipeline.diffusion import diffusion_loss, make_train_scheduler
 from pipeline.export import save_export
 from pipeline.model_card import TrainingRecord
@@ -124,25 +135,32 @@ def build_unet(cfg: Config, data: ImageData) -> ConditionalUNet:
 @dataclass
 class StepDraws:
     """The random draws of one optimizer step for its whole global batch: noise (B, C, H, W), timesteps (B,),
-    label dropout (B,), horizontal flips (B,) and the seed of the dropout masks, a function of (seed, step) alone."""
+    label dropout (B,), horizontal flips (B,), translations (B, 2) in [-translate, translate] (down, right),
+    Cutout centres (B, 2) in [0, size) (row, column) and the seed of the dropout masks, a function of
+    (seed, step, translate) alone."""
 
     noise: torch.Tensor
     timesteps: torch.Tensor
     drop: torch.Tensor
     flip: torch.Tensor
+    shifts: torch.Tensor
+    centers: torch.Tensor
     dropout_seed: int
 
     @classmethod
     def draw(cls, seed: int, step: int, batch: int, image_shape: torch.Size, num_timesteps: int, p_uncond: float,
-             device: torch.device) -> StepDraws:
+             device: torch.device, translate: int = 0) -> StepDraws:
         g = torch.Generator(device).manual_seed(hash((seed, step)) & 0x7FFF_FFFF_FFFF)
-        return cls(
-            noise=torch.randn((batch, *image_shape), generator=g, device=device),
-            timesteps=torch.randint(0, num_timesteps, (batch,), generator=g, device=device),
-            drop=torch.rand(batch, generator=g, device=device) < p_uncond,
-            flip=torch.rand(batch, generator=g, device=device) < 0.5,
-            dropout_seed=hash((seed, step, 1)),
-        )
+        noise = torch.randn((batch, *image_shape), generator=g, device=device)
+        timesteps = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
+        drop = torch.rand(batch, generator=g, device=device) < p_uncond
+        flip = torch.rand(batch, generator=g, device=device) < 0.5
+        # Drawn after the others, which so stay bit for bit what they were before augmentation existed (resumed and
+        # compared runs agree); drawn whether used or not (a few bytes), so the fields are always tensors.
+        # Images are square (data._decode checks), so one bound serves rows and columns.
+        shifts = torch.randint(-translate, translate + 1, (batch, 2), generator=g, device=device)
+        centers = torch.randint(0, image_shape[-1], (batch, 2), generator=g, device=device)
+        return cls(noise, timesteps, drop, flip, shifts, centers, dropout_seed=hash((seed, step, 1)))
 
 
 def export_pipeline(unet: ConditionalUNet, scheduler, output_dir: Path, record: TrainingRecord | None = None) -> Path:
@@ -308,6 +326,11 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, unet: Condition
     clean = to_model_range(images)
     if cfg.data.random_flip:
         clean = flip_where(clean, flip)
+    if cfg.data.translate:
+        border = translation_border(clean.shape[1], black=-1.0)  # uint8 0 is -1 in the model's range
+        clean = translate_where(clean, draws.shifts[mine], cfg.data.translate, border)
+    if cfg.data.cutout:  # 0, the middle of [-1, 1]: the paper zeroes normalised images
+        clean = cutout_where(clean, draws.centers[mine], cfg.data.cutout, value=0.0)
     if unet.null_class is not None:
         labels = torch.where(drop, unet.null_class, labels)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
@@ -335,6 +358,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
         # Load the data; build the U-Net (seeded: every rank starts alike), its optimizer and LR schedule.
         data = load_image_data(cfg.data)
+        check_augmentation(cfg.data, data.size)
         loader = make_loader(data, micro_batch, cfg.train.seed, cfg.train.batch_size)
         torch.manual_seed(cfg.train.seed)
         unet = build_unet(cfg, data)
@@ -370,7 +394,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
         while stop_reason is None:
             # Accumulate gradients over this rank's micro-batches; Accelerate syncs them and steps the optimizer on the last.
             draws = StepDraws.draw(cfg.train.seed, progress.step, cfg.train.batch_size, data.images.shape[1:],
-                                   noise_scheduler.config.num_train_timesteps, cfg.diffusion.p_uncond, accelerator.device)
+                                   noise_scheduler.config.num_train_timesteps, cfg.diffusion.p_uncond, accelerator.device,
+                                   cfg.data.translate)
             for micro in range(cfg.train.gradient_accumulation_steps):
                 images, labels = next(batches)
                 with accelerator.accumulate(model):

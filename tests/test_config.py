@@ -98,6 +98,8 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
         ({"train.adam_beta2": -0.5}, r"train.adam_beta1 and train.adam_beta2 must be in \[0, 1\)"),
         ({"train.ema_power": 0}, r"train.ema_power must be > 0 and finite"),
         ({"data.max_samples": 0}, r"data.max_samples must be >= 1 or none"),
+        ({"data.translate": -1}, r"data.translate must be >= 0 pixels \(0 = off\)"),
+        ({"data.cutout": -8}, r"data.cutout must be >= 0 pixels \(0 = off\)"),
         ({"train.seed": -1}, r"train.seed must be >= 0"),
         ({"sample.guidance_scale": "nan"}, r"sample.guidance_scale must be >= 0 and finite"),
         ({"sample.guidance_scale": "inf"}, r"sample.guidance_scale must be >= 0 and finite"),
@@ -113,8 +115,8 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
     ],
     ids=["key", "section", "not-dotted", "literal", "sampler", "bool", "int", "float-for-int", "bool-for-int", "none",
          "list-item", "dropout", "p_uncond", "max_steps", "no-stop", "refused-sampler", "grad-norm-nan", "grad-norm-negative",
-         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "seed", "guidance-nan", "guidance-inf",
-         "interval-reversed", "interval-nan", "interval-negative", "interval-one-value", "interval-three-values",
+         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "translate", "cutout", "seed", "guidance-nan",
+         "guidance-inf", "interval-reversed", "interval-nan", "interval-negative", "interval-one-value", "interval-three-values",
          "interval-not-a-number", "ramp", "ramp-negative-weight"],
 )
 def test_bad_values_are_clear_errors(overrides: dict, message: str) -> None:
@@ -217,6 +219,22 @@ def test_command_line_spellings_of_strings_lists_and_unset() -> None:
                                  "--train.sample_every", "none", "--train.max_grad_norm", "null", "--train.compile", "on"])
     assert cfg.train.mixed_precision == "no" and cfg.train.eval_metrics == ("accuracy", "cfid", "fid")
     assert cfg.train.sample_every is None and cfg.train.max_grad_norm is None and cfg.train.compile is True
+
+
+def test_a_config_saved_before_augmentation_existed_loads_with_it_off(tmp_path: Path) -> None:
+    """Checkpoints written before data.translate and data.cutout existed resume as the same run (both off)."""
+    cfg = load_config(overrides=STOP)
+    sections = yaml.safe_load(cfg.to_yaml())
+    del sections["data"]["translate"], sections["data"]["cutout"]
+    old = load_config(write_yaml(tmp_path / "config.yaml", sections))
+    assert old == cfg and (old.data.translate, old.data.cutout) == (0, 0)
+
+
+def test_negative_augmentation_on_the_command_line_is_exit_2(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.train import main
+
+    assert main(["--train.max_steps", "1", "--data.cutout", "-1"]) == 2
+    assert "error: data.cutout must be >= 0 pixels (0 = off)" in capsys.readouterr().err
 
 
 def test_saved_yaml_is_the_format_earlier_checkpoints_hold() -> None:

@@ -9,8 +9,18 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.data import ImageData, ImageDataset, keep_batch, load_image_data, to_model_range
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data import (
+    ImageData,
+    ImageDataset,
+    check_augmentation,
+    cutout_where,
+    keep_batch,
+    load_image_data,
+    to_model_range,
+    translate_where,
+    translation_border,
+)
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -141,3 +151,62 @@ def test_batches_are_one_gather_in_model_range() -> None:
     assert batch.shape == (3, 1, 2, 2) and labels.tolist() == [0, 1, 2]
     assert to_model_range(images)[:, 0, 0, 0].tolist() == [-1.0, pytest.approx(-1 / 3), pytest.approx(1 / 3), 1.0]
 
+
+
+# --- augmentations --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_path: Path) -> torch.Tensor:
+    """Four real MNIST digits in the model's range, (4, 1, 28, 28)."""
+    return to_model_range(load_image_data(DataConfig(dataset=str(mnist_path), max_samples=4)).images)
+
+
+def test_translation_moves_every_pixel_by_its_shift_and_fills_the_border_with_black(digits: torch.Tensor) -> None:
+    shifts = torch.tensor([[2, -1], [-2, 2], [0, 1], [1, 0]])  # (down, right)
+    out = translate_where(digits, shifts, 2, border=-1.0)
+    for image, moved, (down, right) in zip(digits, out, shifts.tolist(), strict=True):
+        expected = torch.full_like(image, -1.0)
+        rows, cols = slice(max(down, 0), 28 + min(down, 0)), slice(max(right, 0), 28 + min(right, 0))
+        expected[:, rows, cols] = image[:, max(-down, 0) : 28 - max(down, 0), max(-right, 0) : 28 - max(right, 0)]
+        assert torch.equal(moved, expected), (down, right)
+    assert not torch.equal(out[0], digits[0])  # the digit did move (not all its pixels are background)
+
+
+def test_reflected_border_mirrors_the_edge_whatever_the_padding() -> None:
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    shifts = torch.tensor([[0, 1], [-2, 0]])
+    out = translate_where(images, shifts, 2, border="reflect")
+    assert torch.equal(out[0, :, :, 1:], images[0, :, :, :-1]) and torch.equal(out[0, :, :, 0], images[0, :, :, 1])
+    assert torch.equal(out[1, :, :4], images[1, :, 2:]) and torch.equal(out[1, :, 4:], images[1, :, [4, 3]])
+    assert torch.equal(translate_where(images, shifts, 4, border="reflect"), out)  # max_shift only sizes the padding
+
+
+@pytest.mark.parametrize("border", [-1.0, "reflect"])
+def test_zero_translation_is_the_identity(digits: torch.Tensor, border: float | str) -> None:
+    assert torch.equal(translate_where(digits, torch.zeros(4, 2, dtype=torch.long), 3, border), digits)
+
+
+def test_translation_border_is_black_for_grayscale_and_mirrored_for_colour() -> None:
+    assert translation_border(1, black=-1.0) == -1.0 and translation_border(3, black=0.0) == "reflect"
+
+
+@pytest.mark.parametrize("size", [6, 5])
+def test_cutout_blanks_exactly_the_square_clipped_at_the_border(digits: torch.Tensor, size: int) -> None:
+    centers = torch.tensor([[14, 14], [0, 27], [27, 0], [3, 20]])  # (row, column); the middle two overhang a corner
+    out = cutout_where(digits, centers, size)
+    expected = digits.clone()
+    for image, (row, col) in zip(expected, centers.tolist(), strict=True):
+        top, left = row - size // 2, col - size // 2
+        image[:, max(top, 0) : top + size, max(left, 0) : left + size] = 0.0
+    assert torch.equal(out, expected)
+    blanked = (out == 0).flatten(1).sum(1)
+    assert blanked[0] == size * size and blanked[1] < size * size  # whole in the middle, clipped in the corner
+
+
+def test_augmentation_must_fit_the_image_size() -> None:
+    check_augmentation(DataConfig(translate=13, cutout=28), 28)
+    with pytest.raises(ConfigError, match=r"^data.translate 14 must be less than half the image size \(28 px\); use at most 13$"):
+        check_augmentation(DataConfig(translate=14), 28)
+    with pytest.raises(ConfigError, match=r"^data.cutout 33 must be at most the image size \(32 px\); use at most 32$"):
+        check_augmentation(DataConfig(cutout=33), 32)

@@ -13,10 +13,10 @@ import scipy.linalg
 import torch
 
 from pipeline.config import DataConfig, DiffusionConfig, SampleConfig
-from pipeline.data import load_image_data
+from pipeline.data import flip_where, load_image_data
 from pipeline.evaluation import Evaluator, FeatureStats, InceptionFeatures, frechet_distance, inception_score, load_classifier
 from pipeline.evaluation.__main__ import main as evaluation_main
-from pipeline.evaluation.classifier import ImageClassifier, accuracy, train_classifier
+from pipeline.evaluation.classifier import ImageClassifier, accuracy, augment, train_classifier
 from pipeline.evaluation.fid import tf_bilinear_resize
 from pipeline.sampling import generate
 
@@ -150,6 +150,30 @@ def test_whitening_layer_whitens_patches() -> None:
     covariance = flat.T @ flat / len(flat)
     assert torch.allclose(covariance, torch.eye(12), atol=0.02)
     assert torch.equal(model.body[0].weight[12:], -model.body[0].weight[:12])
+
+
+def augment_before_the_shared_translation(images: torch.Tensor, generator: torch.Generator, flip: bool, translate: int) -> torch.Tensor:
+    """``classifier.augment`` as it was before it used ``data.translate_where``, kept to pin its behaviour."""
+    n, _, h, w = images.shape
+    shift = torch.randint(0, 2 * translate + 1, (2, n), generator=generator)
+    padded = torch.nn.functional.pad(images, (translate,) * 4, mode="reflect" if flip else "constant")
+    out = torch.empty_like(images)
+    for dy in range(2 * translate + 1):
+        for dx in range(2 * translate + 1):
+            chosen = (shift[0] == dy) & (shift[1] == dx)
+            out[chosen] = padded[chosen, :, dy : dy + h, dx : dx + w]
+    if flip:
+        out = flip_where(out, torch.rand(n, generator=generator) < 0.5)
+    return out
+
+
+@pytest.mark.parametrize(("dataset", "flip", "translate"), [("mnist", False, 2), ("cifar10", True, 2), ("cifar10", True, 4)])
+def test_classifier_augment_is_what_it_was(request: pytest.FixtureRequest, dataset: str, flip: bool, translate: int) -> None:
+    path = request.getfixturevalue(f"{dataset}_path")
+    images = load_image_data(DataConfig(dataset=str(path), max_samples=256)).images.float() / 255
+    now = augment(images, torch.Generator().manual_seed(1), flip, translate)
+    assert torch.equal(now, augment_before_the_shared_translation(images, torch.Generator().manual_seed(1), flip, translate))
+    assert not torch.equal(now, images)
 
 
 def test_classifier_training_learns(tmp_path: Path, mnist_path: Path) -> None:

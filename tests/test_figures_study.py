@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import figures, study
-from pipeline.config import ConfigError, SampleConfig
+from pipeline.config import PROJECT_ROOT, ConfigError, SampleConfig, load_config
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from tests.conftest import TINY_MODEL
 from tests.test_evaluation import private_cache  # noqa: F401  (the evaluation tests' autouse cache fixture)
@@ -77,6 +77,16 @@ def test_overlays_change_one_thing() -> None:
         differing = {(s, k) for s in base for k in base[s] if base[s][k] != changed[s][k] and k != "output_dir"}
         assert differing == {(section, key)}
     assert study.run_config(study.load_set("cifar10"), "wide", 0, Path("r")).model.base_channels == 128  # inline overlay
+
+
+@pytest.mark.parametrize(("overlay", "key", "value"),
+                         [("translate", "translate", 2), ("cutout", "cutout", 14), ("flip", "random_flip", True)])
+def test_augmentation_overlays_change_one_data_key(overlay: str, key: str, value: object) -> None:
+    base_config = PROJECT_ROOT / "configs" / "experiments" / "mnist-cpu-base.yaml"
+    base = load_config(base_config).to_dict()
+    changed = load_config(base_config, study.load_overlay(overlay, "test")).to_dict()
+    assert changed["data"][key] == value != base["data"][key]
+    assert {(s, k) for s in base for k in base[s] if base[s][k] != changed[s][k]} == {("data", key)}
 
 
 def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:

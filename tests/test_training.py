@@ -21,6 +21,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline import ConditionalDiffusionPipeline
 from pipeline.checkpointing import EXIT_STOPPED_EARLY, list_checkpoints
+from pipeline.config import load_config
+from pipeline.data import cutout_where, load_image_data, to_model_range, translate_where
+from pipeline.diffusion import make_train_scheduler
+from pipeline.models.unet import ConditionalUNet
+from pipeline.training import EpochShuffle, StepDraws, train
 from tests.conftest import MNIST, REPO, TINY_MODEL
 
 STEPS = 6
@@ -212,6 +217,8 @@ def test_kill_9_during_checkpoint_write_leaves_the_previous_one(tmp_path: Path) 
         (["--data.image_column", "label"], "data.image_column 'label' is not an image column"),
         (["--model.channel_mult", "1,2,2,2"], "sample_size 28 cannot be halved 3 times"),
         (["--train.batch_size", "1024"], "fewer than train.batch_size 1024"),
+        (["--data.translate", "14"], "data.translate 14 must be less than half the image size (28 px); use at most 13"),
+        (["--data.cutout", "29"], "data.cutout 29 must be at most the image size (28 px); use at most 28"),
     ],
 )
 def test_bad_input_gives_one_clear_error(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -229,3 +236,61 @@ def test_global_batch_must_split_over_processes(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "train.batch_size 7 must be divisible by processes x accumulation steps = 2" in result.stderr
     assert result.stderr.count("must be divisible") == 1, "printed once, by rank 0"
+
+
+def test_step_draws_keep_the_draws_from_before_augmentation_and_add_shifts_and_centres() -> None:
+    seed, step, batch, shape, cpu = 3, 7, 64, torch.Size((1, 28, 28)), torch.device("cpu")
+    # The draws as they were before translations and Cutout centres existed: same generator, same order.
+    g = torch.Generator().manual_seed(hash((seed, step)) & 0x7FFF_FFFF_FFFF)
+    before = [torch.randn((batch, *shape), generator=g), torch.randint(0, 1000, (batch,), generator=g),
+              torch.rand(batch, generator=g) < 0.1, torch.rand(batch, generator=g) < 0.5]
+    for translate in (0, 3):
+        draws = StepDraws.draw(seed, step, batch, shape, 1000, 0.1, cpu, translate)
+        assert all(torch.equal(now, then) for now, then in zip([draws.noise, draws.timesteps, draws.drop, draws.flip], before, strict=True))
+        assert draws.dropout_seed == hash((seed, step, 1))
+        assert draws.shifts.shape == draws.centers.shape == (batch, 2)
+        assert set(draws.shifts.unique().tolist()) == set(range(-translate, translate + 1))  # the whole range, nothing outside
+        assert 0 <= draws.centers.min() and draws.centers.max() <= 27 and len(draws.centers.unique()) > 20
+        again = StepDraws.draw(seed, step, batch, shape, 1000, 0.1, cpu, translate)
+        assert torch.equal(again.shifts, draws.shifts) and torch.equal(again.centers, draws.centers)
+    following = StepDraws.draw(seed, step + 1, batch, shape, 1000, 0.1, cpu, translate)
+    assert not torch.equal(following.shifts, draws.shifts) and not torch.equal(following.centers, draws.centers)
+
+
+def test_training_feeds_the_model_translated_and_cutout_images(tmp_path: Path) -> None:
+    """2 steps of real training with both on: the U-Net's input at every step is the noised batch translated by
+    that step's shifts with a black border and blanked in its Cutout squares, nothing else."""
+    batch, steps = 8, 2
+    cfg = load_config(None, [*TINY_MODEL, "--data.dataset", str(MNIST), "--data.max_samples", "64", "--data.translate", "2",
+                             "--data.cutout", "14", "--train.batch_size", str(batch), "--train.max_steps", str(steps),
+                             "--train.sample_every", "none", "--train.output_dir", str(tmp_path)])
+    inputs: list[torch.Tensor] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, ConditionalUNet) and module.training:
+            inputs.append(args[0].detach().clone())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        assert train(cfg) == 0
+    finally:
+        hook.remove()
+    assert len(inputs) == steps
+    assert load_config(tmp_path / "config.yaml").data == cfg.data  # saved for resume
+
+    data = load_image_data(cfg.data)
+    order = list(EpochShuffle(len(data), cfg.train.seed, batch))  # the data order of epoch 0
+    scheduler = make_train_scheduler(cfg.diffusion, cfg.model.learned_variance)
+    for step, seen in enumerate(inputs):
+        draws = StepDraws.draw(cfg.train.seed, step, batch, data.images.shape[1:], scheduler.config.num_train_timesteps,
+                               cfg.diffusion.p_uncond, seen.device, 2)
+        images = to_model_range(data.images[order[step * batch : (step + 1) * batch]]).to(seen.device)
+        augmented = cutout_where(translate_where(images, draws.shifts, 2, -1.0), draws.centers, 14)
+        assert torch.allclose(seen, scheduler.add_noise(augmented, draws.noise, draws.timesteps), atol=1e-6), step
+        assert not torch.allclose(seen, scheduler.add_noise(images, draws.noise, draws.timesteps), atol=1e-3), step
+        # The clean images recovered from the model's input hold each Cutout square at 0 (no pixel of a uint8 image
+        # is 0 in [-1, 1]): 14 x 14 where the centre is 7 px from the border, clipped there otherwise.
+        alpha_bar = scheduler.alphas_cumprod.to(seen.device)[draws.timesteps][:, None, None, None]
+        clean = (seen - (1 - alpha_bar).sqrt() * draws.noise) / alpha_bar.sqrt()
+        sides = draws.centers.clamp(max=28 - 7) - (draws.centers - 7).clamp(min=0) + 7  # (B, 2): rows, columns kept
+        assert torch.equal((clean.abs() < 1e-3).flatten(1).sum(1), sides.prod(1)), step

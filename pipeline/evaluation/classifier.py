@@ -32,7 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from pipeline.config import PROJECT_ROOT, DataConfig
-from pipeline.data import ImageData, flip_where, load_image_data
+from pipeline.data import ImageData, flip_where, load_image_data, translate_where
 
 COMMITTED = PROJECT_ROOT / "data" / "classifiers"
 Arch = Literal["small_cnn", "airbench"]
@@ -201,16 +201,12 @@ RECIPES: dict[str, ClassifierTraining] = {
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, flip: bool, translate: int) -> torch.Tensor:
-    """Random translations by up to ``translate`` px (reflected borders for natural images, zeros for digits)
-    and, with ``flip``, random horizontal flips. (N, C, H, W) float -> same shape."""
-    n, _, h, w = images.shape
-    shift = torch.randint(0, 2 * translate + 1, (2, n), generator=generator)
-    padded = F.pad(images, (translate,) * 4, mode="reflect" if flip else "constant")
-    out = torch.empty_like(images)
-    for dy in range(2 * translate + 1):  # one gather per offset: (2t+1)^2 tensor ops, not one per image
-        for dx in range(2 * translate + 1):
-            chosen = (shift[0] == dy) & (shift[1] == dx)
-            out[chosen] = padded[chosen, :, dy : dy + h, dx : dx + w]
+    """Random translations by up to ``translate`` px (reflected borders for natural images, black, 0, for digits)
+    and, with ``flip``, random horizontal flips. (N, C, H, W) float in [0, 1] -> same shape."""
+    n = len(images)
+    # the crop's corner in the padded image, drawn as before translate_where existed: a seed trains on the same images
+    offset = torch.randint(0, 2 * translate + 1, (2, n), generator=generator)
+    out = translate_where(images, translate - offset.T, translate, "reflect" if flip else 0.0)
     if flip:
         out = flip_where(out, torch.rand(n, generator=generator) < 0.5)
     return out
