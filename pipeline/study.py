@@ -77,7 +77,7 @@ class Sweep:
     baseline) sampled the same way."""
 
     runs: list[str]
-    sample: dict[str, list[Any]]
+    sample: dict[str, Any]  # key -> list of values (checked by check_sweep, for a clearer message than the decoder's)
     against: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, own: SampleConfig) -> list[SampleConfig]:
