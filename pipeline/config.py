@@ -122,14 +122,16 @@ class SampleConfig:
         "constant", "guidance weight over the steps: s at each, or rising (1 -> 2s-1) or falling (2s-1 -> 1) linearly, averaging s"
     )
 
-    def guidance_text(self) -> str:
-        """``guidance scale 3.0``, with the ramp and interval where they are not the defaults, for cards and figures:
-        ``guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, 5]``."""
-        parts = [f"guidance scale {self.guidance_scale}"]
+    def guidance_text(self, compact: bool = False) -> str:
+        """The guidance, with the ramp and interval where they are not the defaults: for cards and figures
+        ``guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, 5]``, ``compact`` for table cells
+        ``s=3, increasing ramp, sigma in (0.3, 5]``."""
+        parts = [f"s={self.guidance_scale:g}" if compact else f"guidance scale {self.guidance_scale}"]
         if self.guidance_ramp != "constant":
             parts.append(f"{self.guidance_ramp} ramp")
         if self.guidance_interval is not None:
-            parts.append("only at noise levels sigma in ({:g}, {:g}]".format(*self.guidance_interval))
+            where = "sigma in ({:g}, {:g}]" if compact else "only at noise levels sigma in ({:g}, {:g}]"
+            parts.append(where.format(*self.guidance_interval))
         return ", ".join(parts)
 
 

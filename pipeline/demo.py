@@ -4,8 +4,9 @@
     python -m pipeline.demo --pipeline runs/x/pipeline --port 7860
 
 The page (Gradio, ``pip install -e '.[demo]'``) takes one or more classes by name, the guidance scale, sampler,
-steps, seed and images per class, and shows the grid (one row per class), the reverse process (the predicted x_0
-of the first image of each class at evenly spaced steps, as in the seed paper's figure), and a zip of the PNGs.
+steps, seed, images per class and, optionally, a guidance ramp and interval (docs/samplers.md), and shows the grid
+(one row per class), the reverse process (the predicted x_0 of the first image of each class at evenly spaced
+steps, as in the seed paper's figure), and a zip of the PNGs.
 Bad input is shown as a message on the page; the server keeps running. The same function is the
 ``/generate`` endpoint of the Gradio API (``gradio_client``).
 """
@@ -22,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import PROJECT_ROOT, SampleConfig
+from pipeline.config import PROJECT_ROOT, SampleConfig, decode
 
 if TYPE_CHECKING:  # torch, diffusers and gradio are imported once the command line is known to be good
     import PIL.Image
@@ -48,9 +49,11 @@ class Generator:
         self.pipe, self.bf16, self.out_dir = pipe, bf16, out_dir
 
     def __call__(self, classes: list[str], guidance_scale: float, sampler: str, steps: float, seed: float,
-                 per_class: float) -> tuple[PIL.Image.Image, PIL.Image.Image, str, str]:
-        """-> (grid: one row per class, reverse process strip, zip of the PNGs, status line). Raises ValueError
-        (shown on the page) for bad input."""
+                 per_class: float, guidance_ramp: str = "constant", guidance_interval: str = ""
+                 ) -> tuple[PIL.Image.Image, PIL.Image.Image, str, str]:
+        """-> (grid: one row per class, reverse process strip, zip of the PNGs, status line). ``guidance_interval``
+        is ``LO,HI`` (guide only where sigma_t is in (LO, HI]) or empty for every step. Raises ValueError (shown on
+        the page) for bad input."""
         import numpy as np
         import torch
         import torchvision
@@ -63,10 +66,13 @@ class Generator:
         steps, seed, per_class = _whole(steps, "steps"), _whole(seed, "seed"), _whole(per_class, "images per class")
         if not 1 <= per_class <= MAX_PER_CLASS:
             raise ValueError(f"images per class must be 1..{MAX_PER_CLASS}, got {per_class}")
+        # decoded as a config's values are (ConfigError, a ValueError, if malformed), then checked against this model
+        settings = decode(SampleConfig, {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale,
+                                         "guidance_ramp": guidance_ramp, "guidance_interval": guidance_interval.strip() or None})
+        self.pipe.check_guidance(settings.guidance_scale, settings.guidance_interval, settings.guidance_ramp)
         started = time.perf_counter()
         autocast = torch.autocast(self.pipe.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
-            settings = SampleConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale)
             out = sample_images(self.pipe, settings, list(classes), seed, num_images_per_label=per_class, output_type="pt",
                                 return_intermediates=True)
         seconds = time.perf_counter() - started
@@ -77,7 +83,7 @@ class Generator:
         strip = _image(torchvision.utils.make_grid(frames, nrow=len(picks), padding=2, pad_value=1.0), self._scale(out.images))
         archive = self._archive(out.images, out.class_labels)
         message = (f"{len(out.images)} images ({', '.join(classes)}) in {seconds:.1f} s: {sampler}, {steps} steps, "
-                   f"guidance {guidance_scale:g}, seed {seed}. Reverse process: predicted x_0 after step "
+                   f"{settings.guidance_text()}, seed {seed}. Reverse process: predicted x_0 after step "
                    f"{', '.join(str(i + 1) for i in picks)} of {steps}.")
         return grid, strip, str(archive), message
 
@@ -120,6 +126,7 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
     import gradio as gr
 
     from pipeline.diffusion import SAMPLERS
+    from pipeline.pipeline_conditional import GUIDANCE_RAMPS
 
     pipe = generator.pipe
 
@@ -137,6 +144,11 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
                 classes = gr.CheckboxGroup(pipe.class_names, value=[pipe.class_names[0]], label="Classes", elem_id="classes")
                 guidance = gr.Slider(0.0, 10.0, value=defaults.guidance_scale if pipe.unet.null_class is not None else 1.0,
                                      step=0.5, label="Guidance scale (1 = none)", interactive=pipe.unet.null_class is not None)
+                guided = pipe.unet.null_class is not None
+                ramp = gr.Dropdown(list(GUIDANCE_RAMPS), value=defaults.guidance_ramp, label="Guidance ramp (its mean is the scale)",
+                                   interactive=guided)
+                interval = gr.Textbox(value=",".join(f"{v:g}" for v in defaults.guidance_interval or ()), placeholder="every step",
+                                      label="Guidance interval LO,HI (noise levels sigma guided)", interactive=guided)
                 sampler = gr.Dropdown(list(SAMPLERS), value=defaults.sampler, label="Sampler")
                 steps = gr.Number(value=defaults.num_inference_steps, precision=0, label="Steps")
                 seed = gr.Number(value=0, precision=0, label="Seed")
@@ -147,7 +159,7 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
                 grid = gr.Image(label="Samples (one row per class)", type="pil", format="png", elem_id="grid")
                 strip = gr.Image(label="Reverse process (predicted x_0)", type="pil", format="png", elem_id="reverse")
                 download = gr.File(label="Download the images (zip of PNGs)", elem_id="download")
-        button.click(generate, [classes, guidance, sampler, steps, seed, per_class], [grid, strip, download, status],
+        button.click(generate, [classes, guidance, sampler, steps, seed, per_class, ramp, interval], [grid, strip, download, status],
                      api_name="generate")
     return demo
 

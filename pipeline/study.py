@@ -32,12 +32,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from pipeline.checkpointing import list_checkpoints
 from pipeline.config import PROJECT_ROOT, Config, ConfigError, DataConfig, SampleConfig, decode, load_config, read_yaml
 from pipeline.evaluation.metrics import METRICS
 from pipeline.sampling import Precision
@@ -45,6 +47,7 @@ from pipeline.sampling import Precision
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiments"
 MetricName = Literal[METRICS]  # type: ignore[valid-type]
 # The columns a study reports, in order (class_is comes with accuracy), and the direction that is better.
+STUDY_PROGRESS = "study-progress.json"  # a start under way: its config, start time and earlier starts' seconds
 REPORTED = {"accuracy": "higher", "class_is": "higher", "cfid": "lower", "fid": "lower", "is": "higher"}
 
 
@@ -188,27 +191,42 @@ def run_config(study: StudySet, run: str, seed: int, runs_dir: Path, dataset: st
 
 
 def train_run(cfg: Config, launcher: str) -> float:
-    """Train ``cfg`` in a subprocess unless its output already holds a pipeline trained with this exact
-    config. Returns the training wall time in seconds (the recorded one when skipped)."""
+    """Train ``cfg`` in a subprocess unless its output already holds a pipeline trained with this exact config; a
+    start of the same config that was cut off (a session's end, a kill) is continued from its latest checkpoint.
+    Returns the training wall time in seconds (the recorded one when skipped; summed over starts when continued,
+    each cut-off start counted up to the checkpoint it was continued from)."""
     out = Path(cfg.train.output_dir)
-    record = out / "study-run.json"
-    wanted = cfg.to_dict()
+    record, progress_file = out / "study-run.json", out / STUDY_PROGRESS
+    wanted = json.loads(json.dumps(cfg.to_dict()))
     if record.is_file() and (out / "pipeline").is_dir():
         done = json.loads(record.read_text())
-        if done["config"] == json.loads(json.dumps(wanted)):
+        if done["config"] == wanted:
             print(f"[study] {out.name}: already trained, skipping", flush=True)
             return done["train_s"]
+    checkpoints = list_checkpoints(out)
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
+    resume = bool(checkpoints) and progress is not None and progress["config"] == wanted
+    before, starts = 0.0, 1
+    if resume:  # the cut-off start counts until its last checkpoint, the work after it is done again
+        reached = max(0.0, checkpoints[-1].stat().st_mtime - progress["started"])
+        before, starts = progress["train_s"] + reached, progress["starts"] + 1
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / EVALUATIONS, ignore_errors=True)  # they scored the model this run replaces
     cfg.save(out / "study-config.yaml")
     command = [*shlex.split(launcher), str(PROJECT_ROOT / "pipeline" / "train.py"), "--config", str(out / "study-config.yaml")]
+    if resume:
+        command += ["--resume", "latest"]
+    elif checkpoints:  # another config's run: train.py moves its outputs aside (kept, not deleted)
+        command += ["--train.overwrite", "true"]
     print(f"[study] {out.name}: {' '.join(command)}", flush=True)
     started = time.time()
+    progress_file.write_text(json.dumps({"config": wanted, "started": started, "train_s": before, "starts": starts}) + "\n")
     code = subprocess.call(command, env={**os.environ, "TQDM_DISABLE": "1"})
-    train_s = time.time() - started
+    train_s = before + time.time() - started
     if code not in (0, 75) or not (out / "pipeline").is_dir():  # 75: stopped at max_minutes, pipeline exported
         raise RuntimeError(f"training {out} failed with exit status {code}")
-    record.write_text(json.dumps({"config": wanted, "train_s": train_s, "exit": code}, indent=2) + "\n")
+    record.write_text(json.dumps({"config": wanted, "train_s": train_s, "exit": code, "starts": starts}, indent=2) + "\n")
+    progress_file.unlink()
     return train_s
 
 
@@ -221,16 +239,11 @@ def final_loss(run_dir: Path, last: int = 5) -> float | None:
 
 
 def variant(sample: SampleConfig, own: SampleConfig) -> str:
-    """A short name for sampling settings: the guidance scale, and whatever else differs from the run's own."""
-    parts = [] if (sample.sampler, sample.num_inference_steps) == (own.sampler, own.num_inference_steps) else [
+    """A short name for sampling settings: the sampler and steps where they differ from the run's own, then the
+    guidance (``ddpm 100 steps, s=3, increasing ramp``)."""
+    steps = [] if (sample.sampler, sample.num_inference_steps) == (own.sampler, own.num_inference_steps) else [
         f"{sample.sampler} {sample.num_inference_steps} steps"]
-    parts.append(f"s={sample.guidance_scale:g}")
-    defaults = SampleConfig()
-    for item in dataclasses.fields(SampleConfig):
-        value = getattr(sample, item.name)
-        if item.name not in ("sampler", "num_inference_steps", "guidance_scale") and value != getattr(defaults, item.name):
-            parts.append(f"{item.name.removeprefix('guidance_')} {value}")
-    return ", ".join(parts)
+    return ", ".join([*steps, sample.guidance_text(compact=True)])
 
 
 EVALUATIONS = "evaluations"  # a run's cached evaluations, one JSON file per setting
@@ -243,9 +256,8 @@ def reference_data(dataset: str, ev: Evaluation) -> DataConfig:
 
 def evaluate_run(study_set: StudySet, run: str, seed: int, cfg: Config, train_s: float, evaluators: dict[str, Any],
                  device: str) -> list[dict[str, Any]]:
-    """The rows of one trained run: at its own sampling settings and at its sweeps'. Each evaluation is kept in
-    ``<run>/evaluations/`` under a hash of everything that decides its numbers, and read from there when present."""
-    from pipeline.evaluation.metrics import Evaluator, evaluate
+    """The rows of one trained run: at its own sampling settings and at its sweeps', each ``cached`` in the run."""
+    from pipeline.evaluation.metrics import evaluate
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
     ev, run_dir, dataset = study_set.evaluate, Path(cfg.train.output_dir), cfg.data.dataset
@@ -254,41 +266,59 @@ def evaluate_run(study_set: StudySet, run: str, seed: int, cfg: Config, train_s:
     for name, sweep in study_set.sweeps.items():
         for sample in sweep.settings(cfg.sample) if run in sweep.runs else []:
             settings.setdefault(_frozen(sample), []).append(name)
-    pipe, rows = None, []
+    pipe, rows, loss = None, [], final_loss(run_dir)
     for frozen, sweeps in settings.items():
         sample = SampleConfig(**dict(frozen))
         key = {"dataset": dataset, "reference": dataclasses.asdict(reference), "per_class": ev.per_class, "seed": ev.seed,
                "metrics": list(ev.metrics), "mixed_precision": ev.mixed_precision, "sample": dataclasses.asdict(sample)}
-        path = run_dir / EVALUATIONS / f"{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-        if path.is_file():
-            row = json.loads(path.read_text())["row"]
-        else:
-            if dataset not in evaluators:
-                evaluators[dataset] = Evaluator(dataset, ev.metrics, reference=reference, device=device)
+
+        def score(sample: SampleConfig = sample) -> dict[str, Any]:
+            nonlocal pipe
             pipe = pipe or ConditionalDiffusionPipeline.from_pretrained(str(run_dir / "pipeline")).to(device)
-            result = evaluate(pipe, evaluators[dataset], ev.per_class, sample, ev.seed, mixed_precision=ev.mixed_precision,
-                              baselines=False)
+            result = evaluate(pipe, evaluator(evaluators, dataset, ev, device), ev.per_class, sample, ev.seed,
+                              mixed_precision=ev.mixed_precision, baselines=False)
             row = {k: v for k, v in result["rows"][0].items() if k != "name"}
-            row["params_M"] = round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 3)
-            path.parent.mkdir(exist_ok=True)
-            path.with_suffix(".tmp").write_text(json.dumps({"key": key, "row": row}, indent=2) + "\n")
-            path.with_suffix(".tmp").replace(path)  # whole or absent, so an interrupted study never reads half a file
+            return {**row, "params_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 3)}
+
+        row = cached(run_dir, key, score)
         rows.append({"run": run, "seed": seed, "variant": variant(sample, cfg.sample), "sample": dataclasses.asdict(sample),
-                     "sweeps": sweeps, **row, "final_loss": final_loss(run_dir), "train_s": round(train_s, 1), "dataset": dataset})
+                     "sweeps": sweeps, **row, "final_loss": loss, "train_s": round(train_s, 1), "dataset": dataset})
         shown = {k: v for k, v in rows[-1].items() if k not in ("per_class_accuracy", "sample")}
         print(f"[study] {run}-s{seed}: {json.dumps(shown)}", flush=True)
     return rows
+
+
+def evaluator(evaluators: dict[str, Any], dataset: str, ev: Evaluation, device: str) -> Any:
+    """The data set's ``Evaluator`` (its classifier and reference statistics), built on first use and kept."""
+    from pipeline.evaluation.metrics import Evaluator
+
+    if dataset not in evaluators:
+        evaluators[dataset] = Evaluator(dataset, ev.metrics, reference=reference_data(dataset, ev), device=device)
+    return evaluators[dataset]
+
+
+def cached(folder: Path, key: dict[str, Any], score: Callable[[], Any]) -> Any:
+    """``score()``, kept in ``<folder>/evaluations/`` under a hash of ``key`` (everything that decides the numbers)
+    and read from there when present."""
+    path = folder / EVALUATIONS / f"{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["row"]
+    row = score()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps({"key": key, "row": row}, indent=2) + "\n")
+    path.with_suffix(".tmp").replace(path)  # whole or absent, so an interrupted study never reads half a file
+    return row
 
 
 def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_only: bool = False,
           dataset: str | None = None) -> dict[str, Any]:
     """Train (unless ``report_only``), evaluate and draw every run of ``study_set`` on every seed; write the results
     to ``out``."""
-    from pipeline.evaluation.metrics import Evaluator, evaluate, hardware
+    from pipeline.evaluation.metrics import evaluate, hardware
 
     ev = study_set.evaluate
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluators: dict[str, Evaluator] = {}
+    evaluators: dict[str, Any] = {}
     rows, first_seed = [], {}
     started = time.time()
     for run in study_set.runs:
@@ -303,8 +333,10 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
             first_seed.setdefault(run, (Path(cfg.train.output_dir), cfg))
     # The data sets' own rows (the seed's Table 2): uniform noise and real test images, scored the same way.
     for data in dict.fromkeys(row["dataset"] for row in rows):
-        evaluator = evaluators.get(data) or Evaluator(data, ev.metrics, reference=reference_data(data, ev), device=device)
-        for row in evaluate(None, evaluator, ev.per_class, seed=ev.seed)["rows"]:
+        key = {"dataset": data, "reference": dataclasses.asdict(reference_data(data, ev)), "per_class": ev.per_class,
+               "seed": ev.seed, "metrics": list(ev.metrics), "baselines": True}
+        for row in cached(runs_dir, key, lambda data=data: evaluate(None, evaluator(evaluators, data, ev, device), ev.per_class,
+                                                                     seed=ev.seed)["rows"]):
             rows.append({"run": row.pop("name"), "dataset": data, **row})
     budget = {key: value for key, value in dataclasses.asdict(study_set.budget).items() if value is not None}
     result = {"set": study_set.name, "budget": budget, "seeds": study_set.seeds, "evaluate": dataclasses.asdict(ev),

@@ -102,3 +102,8 @@ def test_generate_through_gradio_client(demo_url: str) -> None:
         client.predict(["cat"], 2.0, "dpmsolver++", 4, 0, 1, api_name="/generate")
     _, _, _, status = client.predict(["1"], 1.0, "ddim", 2, 1, 1, api_name="/generate")  # still serving
     assert status.startswith("1 images (1)")
+    # time-varying guidance (docs/samplers.md): a ramp and an interval, named in the status; a bad interval is a message
+    _, _, _, status = client.predict(["2"], 3.0, "dpmsolver++", 4, 0, 1, "increasing", "0.3,5", api_name="/generate")
+    assert "guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, 5]" in status
+    with pytest.raises(AppError, match=r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"):
+        client.predict(["2"], 3.0, "dpmsolver++", 4, 0, 1, "constant", "5,1", api_name="/generate")

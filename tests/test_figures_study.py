@@ -164,12 +164,56 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path) -> None:
     # Resuming reads every evaluation back; a missing one, and only it, is evaluated again.
     evaluations = sorted((runs_dir / "baseline-s1" / study.EVALUATIONS).glob("*.json"))
     assert len(evaluations) == 3
-    written = {path: path.stat().st_mtime_ns for path in evaluations}
+    data_rows = list((runs_dir / study.EVALUATIONS).glob("*.json"))  # pure noise and real images: scored once
+    assert len(data_rows) == 1
+    written = {path: path.stat().st_mtime_ns for path in [*evaluations, *data_rows]}
     evaluations[0].unlink()
     assert study.main([*argv, "--report-only"]) == 0
-    assert [path.stat().st_mtime_ns == when for path, when in written.items()] == [False, True, True]
+    assert [path.stat().st_mtime_ns == when for path, when in written.items()] == [False, True, True, True]
     again = json.loads((out / "results.json").read_text())
     assert [row.get("accuracy") for row in again["rows"][:6]] == [row.get("accuracy") for row in result["rows"][:6]]
+
+
+def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """A study killed mid-run (a session's end) continues that run from its latest checkpoint when started again,
+    instead of refusing the directory or training from step 0, and counts both starts' training time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.checkpointing import checkpoint_step, list_checkpoints
+
+    tiny = dict(zip([k[len("--model."):] for k in TINY_MODEL[::2]], TINY_MODEL[1::2], strict=True))
+    spec = {
+        "base": "configs/experiments/mnist-cpu-base.yaml",
+        "overrides": {"model": tiny, "data": {"dataset": str(mnist_path), "max_samples": 256},
+                      "train": {"batch_size": 16, "checkpoint_every": 4, "keep_checkpoints": 2, "log_every": 2}},
+        "budget": {"steps": 40},
+        "evaluate": {"per_class": 1, "metrics": ["accuracy"], "ref_samples": 50},
+        "runs": {"baseline": [{"sample": {"num_inference_steps": 2}}]},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "runs" / "baseline-s0"
+    argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.study", *argv], cwd=PROJECT_ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list_checkpoints(run_dir) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)  # the study and its training subprocess, as a session's end does
+    first.wait()
+    assert list_checkpoints(run_dir) and not (run_dir / "pipeline").exists(), "the first start was not cut off mid-run"
+    cut_at = checkpoint_step(list_checkpoints(run_dir)[-1])
+
+    assert study.main(argv) == 0
+    assert f"resumed from {list_checkpoints(run_dir)[0].parent}" in capfd.readouterr().out
+    record = json.loads((run_dir / "study-run.json").read_text())
+    assert record["starts"] == 2 and record["train_s"] > 0 and not (run_dir / study.STUDY_PROGRESS).exists()
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished", "step": 40}
+    starts = sorted(p.name for p in (run_dir / "configs").glob("start-*.yaml"))
+    assert starts == ["start-001-step_00000000.yaml", f"start-002-step_{cut_at:08d}.yaml"]
 
 
 def test_aggregate_means_deviations_and_marked_differences() -> None:
