@@ -75,6 +75,10 @@ class ModelConfig:
     conditioning: Literal["multiply", "add", "scale_shift"] = _opt(
         "multiply", "how the class embedding c meets features h and time t: c*h+t, h+c+t, or AdaGN"
     )
+    embed_after_norm: bool = _opt(
+        False, "multiply/add mix (t, c) in after the block's second GroupNorm, not before it (where, at one channel per "
+        "group, the norm erases t and all of c but its sign)"
+    )
     upsample: Literal["transposed", "nearest"] = _opt("transposed", "transposed conv (seed) or nearest+conv")
     learned_variance: bool = _opt(False, "also predict the reverse variance (Improved DDPM hybrid loss)")
 
@@ -310,6 +314,8 @@ def validate(cfg: Config) -> Config:
         (m.layers_per_block >= 1, "model.layers_per_block must be >= 1"),
         (m.attention_heads >= 1, "model.attention_heads must be >= 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (not (m.embed_after_norm and m.conditioning == "scale_shift"),
+         "model.embed_after_norm applies to multiply and add; scale_shift is always after the norm (set it false)"),
         (d.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be >= 2"),
         (0.0 <= d.p_uncond < 1.0, "diffusion.p_uncond must be in [0, 1)"),
         (d.snr_gamma > 0, "diffusion.snr_gamma must be > 0"),

@@ -200,12 +200,12 @@ def train_run(cfg: Config, launcher: str) -> float:
     wanted = json.loads(json.dumps(cfg.to_dict()))
     if record.is_file() and (out / "pipeline").is_dir():
         done = json.loads(record.read_text())
-        if done["config"] == wanted:
+        if same_config(done["config"], wanted):
             print(f"[study] {out.name}: already trained, skipping", flush=True)
             return done["train_s"]
     checkpoints = list_checkpoints(out)
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-    resume = bool(checkpoints) and progress is not None and progress["config"] == wanted
+    resume = bool(checkpoints) and progress is not None and same_config(progress["config"], wanted)
     before, starts = 0.0, 1
     if resume:  # the cut-off start counts until its last checkpoint, the work after it is done again
         reached = max(0.0, checkpoints[-1].stat().st_mtime - progress["started"])
@@ -228,6 +228,15 @@ def train_run(cfg: Config, launcher: str) -> float:
     record.write_text(json.dumps({"config": wanted, "train_s": train_s, "exit": code, "starts": starts}, indent=2) + "\n")
     progress_file.unlink()
     return train_s
+
+
+def same_config(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a recorded config is ``wanted`` (a JSON-normalised ``Config.to_dict()``); a key added to the config
+    since the record was written reads as its default, which is what that run trained with."""
+    try:
+        return json.loads(json.dumps(decode(Config, recorded).to_dict())) == wanted
+    except ConfigError:  # a key since removed or renamed: another config
+        return False
 
 
 def final_loss(run_dir: Path, last: int = 5) -> float | None:

@@ -67,6 +67,7 @@ def test_overlays_change_one_thing() -> None:
     for run, (section, key, value) in {
         "cosine": ("diffusion", "schedule", "cosine"),
         "cond-scale-shift": ("model", "conditioning", "scale_shift"),
+        "after-norm": ("model", "embed_after_norm", True),
         "no-attention": ("model", "attention_resolutions", ()),
         "epsilon": ("diffusion", "prediction_type", "epsilon"),
         "learned-variance": ("model", "learned_variance", True),
@@ -214,6 +215,22 @@ def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: 
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished", "step": 40}
     starts = sorted(p.name for p in (run_dir / "configs").glob("start-*.yaml"))
     assert starts == ["start-001-step_00000000.yaml", f"start-002-step_{cut_at:08d}.yaml"]
+
+
+def test_a_run_recorded_before_a_config_key_existed_counts_as_trained(tmp_path: Path) -> None:
+    """A key added to the config since a run was recorded reads as its default, so the run is not trained again;
+    a recorded config that differs in a value is another run, and is trained (here: the launcher ``false`` fails)."""
+    cfg = study.run_config(study.load_set("mnist"), "baseline", 0, tmp_path)
+    out = Path(cfg.train.output_dir)
+    (out / "pipeline").mkdir(parents=True)
+    recorded = json.loads(json.dumps(cfg.to_dict()))
+    del recorded["model"]["embed_after_norm"]
+    (out / "study-run.json").write_text(json.dumps({"config": recorded, "train_s": 12.5, "exit": 0}))
+    assert study.train_run(cfg, launcher="false") == 12.5
+    recorded["model"]["base_channels"] = 99
+    (out / "study-run.json").write_text(json.dumps({"config": recorded, "train_s": 12.5, "exit": 0}))
+    with pytest.raises(RuntimeError, match="failed with exit status 1"):
+        study.train_run(cfg, launcher="false")
 
 
 def test_aggregate_means_deviations_and_marked_differences() -> None:
