@@ -335,7 +335,11 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
             # Train the run (or find it trained), then evaluate it (or find its evaluations).
             cfg = run_config(study_set, run, seed, runs_dir, dataset)
             if report_only:
-                train_s = json.loads((Path(cfg.train.output_dir) / "study-run.json").read_text())["train_s"]
+                record = Path(cfg.train.output_dir) / "study-run.json"
+                if not record.is_file():
+                    print(f"[study] {run}-s{seed}: not trained yet, left out of the report", flush=True)
+                    continue
+                train_s = json.loads(record.read_text())["train_s"]
             else:
                 train_s = train_run(cfg, launcher)
             rows += evaluate_run(study_set, run, seed, cfg, train_s, evaluators, device)

@@ -124,7 +124,7 @@ def test_set_sections_are_typed(tmp_path: Path, section: dict, message: str) -> 
         study.load_set(str(bad))
 
 
-def test_study_end_to_end(tmp_path: Path, mnist_path: Path) -> None:
+def test_study_end_to_end(tmp_path: Path, mnist_path: Path, capsys: pytest.CaptureFixture) -> None:
     """One command: train a tiny run on two seeds for 4 steps, evaluate it at its own settings and two sweeps', write
     the table and figures; a second command resumes without evaluating again, and re-evaluates only what is missing."""
     tiny = dict(zip([k[len("--model."):] for k in TINY_MODEL[::2]], TINY_MODEL[1::2], strict=True))
@@ -173,6 +173,12 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path) -> None:
     assert [path.stat().st_mtime_ns == when for path, when in written.items()] == [False, True, True, True]
     again = json.loads((out / "results.json").read_text())
     assert [row.get("accuracy") for row in again["rows"][:6]] == [row.get("accuracy") for row in result["rows"][:6]]
+
+    # A report while a seed is not trained yet tabulates the rest and says what it left out.
+    (runs_dir / "baseline-s1" / "study-run.json").unlink()
+    assert study.main([*argv, "--report-only"]) == 0
+    assert "baseline-s1: not trained yet, left out of the report" in capsys.readouterr().out
+    assert {row.get("seed") for row in json.loads((out / "results.json").read_text())["rows"]} == {0, None}
 
 
 def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: Path, capfd: pytest.CaptureFixture) -> None:
