@@ -355,12 +355,19 @@ def study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, report_
     result = {"set": study_set.name, "budget": budget, "seeds": study_set.seeds, "evaluate": dataclasses.asdict(ev),
               "baseline": study_set.baseline, "sweeps": {name: dataclasses.asdict(s) for name, s in study_set.sweeps.items()},
               "hardware": hardware(), "launcher": launcher.replace(shlex.quote(sys.executable), "python"),  # no machine path in results
-              "wall_s": round(time.time() - started, 1), "rows": rows}
+              "wall_s": round(time.time() - started, 1), "work_s": round(_work_seconds(rows), 1), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(report(result))
     draw(study_set, first_seed, result, out)
     return result
+
+
+def _work_seconds(rows: list[dict[str, Any]]) -> float:
+    """What the study's results cost, however many sessions and reports they took: each run's training once, and
+    every evaluation's wall time (``wall_s`` of this command alone says little when most came from the cache)."""
+    training = {(row["run"], row["seed"]): row["train_s"] for row in rows if "seed" in row}
+    return sum(training.values()) + sum(row.get("wall_s") or 0 for row in rows)
 
 
 def _frozen(sample: SampleConfig) -> tuple:
@@ -429,7 +436,8 @@ def report(result: dict[str, Any]) -> str:
     sections = [
         f"# Study `{result['set']}`\n",
         f"Budget: {budget} per run; seeds {result['seeds']}; {ev['per_class']} samples per class per seed, "
-        f"metrics {', '.join(ev['metrics'])}; hardware: {result['hardware']}; {result['wall_s'] / 60:.0f} min in all.\n",
+        f"metrics {', '.join(ev['metrics'])}; hardware: {result['hardware']}; "
+        f"{result['work_s'] / 60:.0f} min of training and scoring in all.\n",
         "Each cell is the mean ± standard deviation over seeds. Δ is the difference from the row's reference ± its "
         "standard error (paired over seeds within a run, Welch's between runs); **bold** where it exceeds two standard "
         "errors. With three seeds, two standard errors is a screen, not a test at 95 % (that needs ~4.3 SE).\n",

@@ -157,6 +157,7 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path, capsys: pytest.Captu
     assert [row["sweeps"] for row in model_rows[:3]] == [["guidance"], ["guidance"], ["steps"]]
     table = (out / "results.md").read_text()
     assert "Budget: 4 steps per run; seeds [0, 1]" in table and "| baseline | s=3 | 2 |" in table
+    assert result["work_s"] >= sum(row["wall_s"] for row in result["rows"]) > 0 and "of training and scoring in all" in table
     assert "## Sweep `steps`: num_inference_steps [1]; Δ against the same run with num_inference_steps 2" in table
     assert yaml.safe_load((runs_dir / "baseline-s0" / "config.yaml").read_text())["diffusion"]["schedule"] == "cosine"
     for name in ("loss", "samples-baseline", "guidance-guidance", "tradeoff", "reverse", "forward"):
