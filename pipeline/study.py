@@ -76,12 +76,13 @@ class Sweep:
     (``{guidance_scale: [1, 2, 3]}``: three settings; keys are ``SampleConfig``'s), on every seed.
 
     A row is compared with the same run sampled with ``against`` applied (e.g. ``{guidance_ramp: constant}``:
-    a ramp against constant guidance at the same scale); without ``against``, with the set's first run (the
-    baseline) sampled the same way."""
+    a ramp against constant guidance at the same scale); without ``against``, with the run ``reference`` (default:
+    the set's first run, the baseline) sampled the same way."""
 
     runs: list[str]
     sample: dict[str, Any]  # key -> list of values (checked by check_sweep, for a clearer message than the decoder's)
     against: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
 
     def settings(self, own: SampleConfig) -> list[SampleConfig]:
         """The sweep's sampling settings, on top of a run's own (decoded, so that YAML's 3 is the scale 3.0)."""
@@ -154,6 +155,12 @@ def check_sweep(sweep: Sweep, runs: dict[str, Any], source: str) -> None:
     """ConfigError unless the sweep names known runs and valid, non-empty sampling settings."""
     if unknown := [run for run in sweep.runs if run not in runs]:
         raise ConfigError(f"{source}.runs: {', '.join(unknown)} not among the runs {', '.join(runs)}")
+    if sweep.reference is not None and sweep.reference not in sweep.runs:
+        raise ConfigError(f"{source}.reference: {sweep.reference} is not one of the sweep's runs, so it would not be "
+                          "sampled the same way; add it to the sweep's runs")
+    if sweep.reference is not None and sweep.against:
+        raise ConfigError(f"{source}: give `against` (the same run sampled otherwise) or `reference` (another run "
+                          "sampled the same way), not both")
     if not sweep.sample or any(not isinstance(values, list) or not values for values in sweep.sample.values()):
         raise ConfigError(f"{source}.sample: give each sampling key a non-empty list, e.g. {{guidance_scale: [1.0, 3.0]}}")
     try:
@@ -378,8 +385,8 @@ def _frozen(sample: SampleConfig) -> tuple:
 def aggregate(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (run, sampling settings): every reported metric as (mean, standard deviation, seeds), and its
     difference from the row's reference with the standard error of that difference. The reference is the same run
-    with its sweep's ``against`` applied, else the baseline sampled the same way; the error is paired over seeds
-    for the same run (the same models), Welch's between runs."""
+    with its sweep's ``against`` applied, else its sweep's ``reference`` run (default: the baseline) sampled the same
+    way; the error is paired over seeds for the same run (the same models), Welch's between runs."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in result["rows"]:
         if "seed" in row:
@@ -387,8 +394,10 @@ def aggregate(result: dict[str, Any]) -> list[dict[str, Any]]:
     aggregated = []
     for (run, _), members in groups.items():
         first = members[0]
-        changes = next((result["sweeps"][name]["against"] for name in first["sweeps"] if result["sweeps"][name]["against"]), None)
-        reference_run, reference_sample = (run, {**first["sample"], **changes}) if changes else (result["baseline"], first["sample"])
+        sweeps = [result["sweeps"][name] for name in first["sweeps"]]
+        changes = next((sweep["against"] for sweep in sweeps if sweep["against"]), None)
+        other = next((sweep["reference"] for sweep in sweeps if sweep.get("reference")), result["baseline"])
+        reference_run, reference_sample = (run, {**first["sample"], **changes}) if changes else (other, first["sample"])
         reference = groups.get((reference_run, json.dumps(reference_sample, sort_keys=True)))
         if reference is members:
             reference = None
@@ -446,7 +455,7 @@ def report(result: dict[str, Any]) -> str:
     ]
     for name, sweep in result["sweeps"].items():
         against = ", ".join(f"{k} {v}" for k, v in sweep["against"].items())
-        reference = f"the same run with {against}" if against else f"`{result['baseline']}` sampled the same way"
+        reference = f"the same run with {against}" if against else f"`{sweep.get('reference') or result['baseline']}` sampled the same way"
         sections += [f"## Sweep `{name}`: {', '.join(f'{k} {v}' for k, v in sweep['sample'].items())}; Δ against {reference}\n",
                      _table([row for row in rows if name in row["sweeps"]], ())]
     data_rows = [row for row in result["rows"] if "seed" not in row]

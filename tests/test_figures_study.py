@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:
         ({"sweeps": {"g": {"runs": ["y"], "sample": {"guidance_scale": [1]}}}}, r"sweeps.g.runs: y not among the runs x"),
         ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scal": [1]}}}}, r"key 'guidance_scal'; did you mean guidance_scale"),
         ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scale": 3}}}}, r"sweeps.g.sample: give each sampling key a non-empty list"),
+        ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scale": [1]}, "reference": "y"}}},
+         r"sweeps.g.reference: y is not one of the sweep's runs, .*; add it to the sweep's runs"),
+        ({"sweeps": {"g": {"runs": ["x"], "sample": {"guidance_scale": [1]}, "reference": "x", "against": {"guidance_scale": 3}}}},
+         r"sweeps.g: give `against` .* or `reference` .*, not both"),
         ({"seed": [0]}, r"unknown config key 'seed'; did you mean seeds"),
     ],
 )
@@ -261,3 +266,22 @@ def test_aggregate_means_deviations_and_marked_differences() -> None:
     assert difference == pytest.approx(-0.01 / 3) and error == pytest.approx(np.std([-0.01, 0.01, -0.01], ddof=1) / np.sqrt(3))
     assert swept["reference"] == "baseline (s=3)" and other["reference"] == "baseline (s=3)"
     assert study._delta(other["delta_accuracy"]).startswith("**-0.110") and not study._delta(swept["delta_accuracy"]).startswith("**")
+
+
+def test_a_sweep_compares_its_runs_with_its_reference_run() -> None:
+    """A sweep with ``reference: b`` (e.g. learned against fixed variance on another base than the set's first run):
+    its rows are compared with run b sampled the same way, between runs (Welch), and b's own rows with nothing."""
+    ddpm = {"sampler": "ddpm"}
+    rows = [{"run": run, "seed": s, "variant": "ddpm", "sample": ddpm, "sweeps": ["steps"], "accuracy": a}
+            for run, values in (("b", [0.90, 0.92, 0.94]), ("c", [0.80, 0.81, 0.82])) for s, a in enumerate(values)]
+    rows += [{"run": "a", "seed": s, "variant": "ddpm", "sample": ddpm, "sweeps": ["other"], "accuracy": 0.5} for s in range(3)]
+    result = {"baseline": "a", "sweeps": {"steps": {"runs": ["b", "c"], "sample": {"sampler": ["ddpm"]}, "against": {},
+                                                    "reference": "b"},
+                                          "other": {"runs": ["a"], "sample": {"sampler": ["ddpm"]}, "against": {}}}, "rows": rows}
+    b, c, a = study.aggregate(result)
+    assert "delta_accuracy" not in b and "reference" not in b
+    assert c["reference"] == "b (ddpm)"
+    difference, error = c["delta_accuracy"]
+    assert difference == pytest.approx(-0.11) and error == pytest.approx(np.sqrt((0.01**2 + 0.02**2) / 3))
+    assert "## Sweep `steps`: sampler ['ddpm']; Δ against `b` sampled the same way" in study.report(
+        {**result, "set": "s", "budget": {}, "seeds": [0, 1, 2], "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu", "work_s": 0.0})
