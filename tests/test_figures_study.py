@@ -283,5 +283,6 @@ def test_a_sweep_compares_its_runs_with_its_reference_run() -> None:
     assert c["reference"] == "b (ddpm)"
     difference, error = c["delta_accuracy"]
     assert difference == pytest.approx(-0.11) and error == pytest.approx(np.sqrt((0.01**2 + 0.02**2) / 3))
-    assert "## Sweep `steps`: sampler ['ddpm']; Δ against `b` sampled the same way" in study.report(
-        {**result, "set": "s", "budget": {}, "seeds": [0, 1, 2], "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu", "work_s": 0.0})
+    header = {"set": "s", "budget": {}, "seeds": [0, 1, 2], "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu",
+              "work_s": 0.0}
+    assert "## Sweep `steps`: sampler ['ddpm']; Δ against `b` sampled the same way" in study.report({**result, **header})
