@@ -447,9 +447,7 @@ def report(result: dict[str, Any]) -> str:
         f"Budget: {budget} per run; seeds {result['seeds']}; {ev['per_class']} samples per class per seed, "
         f"metrics {', '.join(ev['metrics'])}; hardware: {result['hardware']}; "
         f"{result['work_s'] / 60:.0f} min of training and scoring in all.\n",
-        "Each cell is the mean ± standard deviation over seeds. Δ is the difference from the row's reference ± its "
-        "standard error (paired over seeds within a run, Welch's between runs); **bold** where it exceeds two standard "
-        "errors. With three seeds, two standard errors is a screen, not a test at 95 % (that needs ~4.3 SE).\n",
+        _uncertainty(len(result["seeds"])),
         f"## Every run at its own sampling settings, against `{result['baseline']}`\n",
         _table(own, ("final_loss", "train_s", "params_M")),
     ]
@@ -461,6 +459,21 @@ def report(result: dict[str, Any]) -> str:
     data_rows = [row for row in result["rows"] if "seed" not in row]
     sections += ["## The data set's own rows (the seed's Table 2 baselines)\n", markdown_table(data_rows, tuple(REPORTED), first="run")]
     return "\n".join(sections)
+
+
+# Student's t at 97.5 %, by degrees of freedom: how many standard errors a 95 % test of a mean needs.
+_T_975 = {1: 12.7, 2: 4.3, 3: 3.2, 4: 2.8, 5: 2.6}
+
+
+def _uncertainty(seeds: int) -> str:
+    """The report's sentence on what its ± and Δ mean for this many seeds."""
+    if seeds == 1:
+        return ("One seed: each cell is a single measurement (± n/a) and Δ the plain difference from the row's "
+                "reference, with no standard error, so no difference is marked; seed-to-seed spread is not measured.\n")
+    needed = f" (that needs ~{_T_975[seeds - 1]} SE)" if seeds - 1 in _T_975 else ""
+    return ("Each cell is the mean ± standard deviation over seeds. Δ is the difference from the row's reference ± its "
+            "standard error (paired over seeds within a run, Welch's between runs); **bold** where it exceeds two standard "
+            f"errors. With {seeds} seeds, two standard errors is a screen, not a test at 95 %{needed}.\n")
 
 
 def _run_costs(members: list[dict[str, Any]]) -> dict[str, Any]:

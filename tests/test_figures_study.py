@@ -286,3 +286,15 @@ def test_a_sweep_compares_its_runs_with_its_reference_run() -> None:
     header = {"set": "s", "budget": {}, "seeds": [0, 1, 2], "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu",
               "work_s": 0.0}
     assert "## Sweep `steps`: sampler ['ddpm']; Δ against `b` sampled the same way" in study.report({**result, **header})
+
+
+def test_the_report_states_its_uncertainty_for_its_own_seed_count() -> None:
+    """A one-seed set (cifar10-cpu) has no standard deviations; its report must not describe three seeds' errors."""
+    rows = [{"run": run, "seed": 0, "variant": "s=3", "sample": {"guidance_scale": 3.0}, "sweeps": [], "accuracy": a,
+             "train_s": 1.0} for run, a in (("a", 0.5), ("b", 0.6))]
+    result = {"set": "s", "budget": {}, "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu", "work_s": 0.0,
+              "baseline": "a", "sweeps": {}, "rows": rows}
+    one = study.report({**result, "seeds": [0]})
+    assert "One seed: each cell is a single measurement" in one and "With 3 seeds" not in one and "**" not in one
+    assert "With 3 seeds, two standard errors is a screen, not a test at 95 % (that needs ~4.3 SE)." in study.report(
+        {**result, "seeds": [0, 1, 2]})
