@@ -38,7 +38,7 @@ from pipeline.config import Config, DataConfig, DiffusionConfig
 from pipeline.data import flip_where, load_image_data, to_model_range
 from pipeline.diffusion import make_train_scheduler
 from pipeline.evaluation.metrics import Evaluator, evaluate, hardware, markdown_table, parse_metrics
-from pipeline.training import build_unet
+from pipeline.models.build import build_unet
 
 WARMUP_STEPS = 500
 PEER_DIFFUSION = DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="epsilon")
@@ -73,7 +73,7 @@ def train_peer(cfg: Config, output_dir: Path, minutes: float) -> dict:
     t = cfg.train
     data = load_image_data(cfg.data)
     torch.manual_seed(t.seed)
-    ours = build_unet(cfg, data)
+    ours = build_unet(cfg, data.size, data.channels, data.class_names)
     model = matched(diffusers_unet, ours).train()
     noise_scheduler = make_train_scheduler(PEER_DIFFUSION)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)

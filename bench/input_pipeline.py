@@ -5,7 +5,7 @@ PIL decode and ``ToTensor``/``Normalize`` per image, ``DataLoader(shuffle=True)`
     python bench/input_pipeline.py                          # MNIST (embedded) and CIFAR-10 (../shared/data)
     python bench/input_pipeline.py --datasets data/mnist --batches 50
 
-Ours is exactly what training iterates (``pipeline.training.make_loader`` over the decoded uint8 cache), plus
+Ours is exactly what training iterates (``pipeline.training.batches.make_loader`` over the decoded uint8 cache), plus
 the per-batch work done before the model (scale to [-1, 1], random flips where the config asks). The model
 column is our U-Net's bf16 training step at the same shape (``bench/train_throughput.py``'s measurement).
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.train_throughput import measure, ours
-from pipeline.config import PROJECT_ROOT, DataConfig
+from pipeline.config import DataConfig
 from pipeline.data import flip_where, load_image_data, to_model_range
-from pipeline.training import make_loader
+from pipeline.names import PROJECT_ROOT
+from pipeline.training.batches import make_loader
 
 SHARED = Path(os.environ.get("SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 

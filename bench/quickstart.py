@@ -26,8 +26,8 @@ import torch
 
 from bench.diffusers_recipe import peer_pipeline, train_peer
 from pipeline import ConditionalDiffusionPipeline, load_config
-from pipeline.config import PROJECT_ROOT
 from pipeline.evaluation import Evaluator
+from pipeline.names import PROJECT_ROOT
 from pipeline.sampling import generate
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.names import PROJECT_ROOT
 from pipeline.tensorboard_logs import read_scalars
 
 TRAIN = str(PROJECT_ROOT / "pipeline" / "train.py")

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 from pipeline import load_config
-from pipeline.config import PROJECT_ROOT
-from pipeline.data import ImageData
-from pipeline.training import build_unet
+from pipeline.models.build import build_unet
+from pipeline.names import PROJECT_ROOT
 
 # (channels, size, the config whose U-Net is ours at this shape)
 SHAPES = {"mnist": (1, 28, "configs/quickstart-cpu.yaml"), "cifar10": (3, 32, "configs/cifar10.yaml")}
@@ -41,9 +40,7 @@ NUM_CLASSES = 10
 def ours(shape: str, cfg_overrides: list[str]) -> torch.nn.Module:
     channels, size, config = SHAPES[shape]
     cfg = load_config(PROJECT_ROOT / config, cfg_overrides)
-    fake = ImageData(torch.zeros(1, channels, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
-                     [str(i) for i in range(NUM_CLASSES)])
-    return build_unet(cfg, fake)
+    return build_unet(cfg, size, channels, [str(i) for i in range(NUM_CLASSES)])
 
 
 def diffusers_unet(mine: torch.nn.Module, width: int) -> torch.nn.Module:
@@ -187,14 +184,12 @@ def one(args: argparse.Namespace) -> None:
 def from_run(run_dir: Path, peak_tflops: float | None) -> None:
     """One row for a real training run (``pipeline/train.py``): its logged images/s (median of the logs after the
     first, which includes start-up), GFLOP per image of its U-Net, TFLOP/s, MFU and peak memory (CUDA only)."""
-    from pipeline.data import ImageData as Data
     from pipeline.tensorboard_logs import read_scalars
 
     cfg = load_config(run_dir / "config.yaml")
     config = json.loads((run_dir / "pipeline" / "unet" / "config.json").read_text())
     channels, size = config["in_channels"], config["sample_size"]
-    fake = Data(torch.zeros(1, channels, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), config["class_names"])
-    model = build_unet(cfg, fake)
+    model = build_unet(cfg, size, channels, config["class_names"])
     shape = next(name for name, (c, s, _) in SHAPES.items() if (c, s) == (channels, size))
     gflop = flops_per_image(model, shape) / 1e9
     _, speeds = read_scalars(run_dir, "train/images_per_s")

@@ -1,8 +1,8 @@
 """Class-conditional DDPM training and sampling on Hugging Face diffusers and Accelerate.
 
 Names are imported on first use, so ``import pipeline`` costs nothing until one is used. ``pipeline.config``
-itself imports torch, diffusers and datasets: the sampler names and the default data set it declares are owned
-by ``pipeline.diffusion`` and ``pipeline.data``.
+(with ``pipeline.names``, ``pipeline.guidance`` and ``pipeline.errors``) loads no torch, diffusers or datasets,
+so a command line checks its arguments before its heavy imports.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "Config": "pipeline.config",
-    "ConfigError": "pipeline.config",
+    "ConfigError": "pipeline.errors",
     "load_config": "pipeline.config",
     "SAMPLERS": "pipeline.diffusion",
     "make_sampler": "pipeline.diffusion",

@@ -1,12 +1,13 @@
 """Crash-safe, verifiable checkpoints and clean stops.
 
 A checkpoint is ``accelerator.save_state`` (model as safetensors; optimizer, LR schedule and RNG states, which
-accelerate loads with ``weights_only=True``) plus the EMA weights (safetensors), the loop's own state and the
-resolved config (JSON, YAML), written into ``checkpoints/.tmp-step_N`` and renamed to ``checkpoints/step_N`` once
-every process has finished. Nothing is registered with ``register_for_checkpointing``, whose pickles accelerate
-loads with ``weights_only=False``: a checkpoint directory cannot run code. ``manifest.json`` (every file's size
-and SHA-256) is written last, so a directory without a valid one is incomplete or corrupt, and ``latest``
-falls back past it. ``StopSignal`` turns SIGUSR1/SIGTERM (SLURM's pre-timeout signal, preemption, Spot VM
+accelerate loads with ``weights_only=True``) plus the EMA weights (safetensors), the loop's own state (``Progress``)
+and the resolved config (JSON, YAML; ``save_loop_state``, read back by ``load_checkpoint``), written into
+``checkpoints/.tmp-step_N``, flushed to disk and renamed to ``checkpoints/step_N`` once every process has finished
+(``pipeline.atomic``). Nothing is registered with ``register_for_checkpointing``, whose pickles accelerate loads
+with ``weights_only=False``: a checkpoint directory cannot run code. ``manifest.json`` (every file's size and
+SHA-256) is written last, so a directory without a valid one is incomplete or corrupt, and ``latest`` falls back
+past it. ``StopSignal`` turns SIGUSR1/SIGTERM (SLURM's pre-timeout signal, preemption, Spot VM
 shutdown) into a flag that the training loop checks with its other cross-rank checks.
 """
 
@@ -20,15 +21,23 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
-from pipeline.config import ConfigError
+from pipeline.atomic import TMP_PREFIX, build_dir, replace_dir, start_build
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # for annotations only: listing checkpoints (run_dir, export) need not load diffusers' training utils
+    from diffusers.training_utils import EMAModel
+
+    from pipeline.config import Config
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
-TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 EXIT_DIVERGED = 3  # the loss or gradient norm stopped being finite; the last good checkpoint is kept
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL: stopped with a checkpoint; resume to continue
@@ -116,25 +125,68 @@ def set_aside(output_dir: Path, paths: list[Path]) -> Path:
     return target
 
 
+EMA_FILE = "ema.safetensors"
+LOOP_STATE_FILE = "loop_state.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class Progress:
+    """The loop's own state, saved in every checkpoint (JSON) next to model, EMA, optimizer and LR schedule."""
+
+    step: int = 0
+    images_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images_seen": self.images_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.images_seen = state["step"], state["images_seen"]
+
+    def reached(self, max_steps: int | None) -> bool:
+        """Whether the step budget is spent (never without one)."""
+        return max_steps is not None and self.step >= max_steps
+
+
+def save_loop_state(directory: Path, ema: EMAModel, progress: Progress, cfg: Config) -> None:
+    """What ``save_state`` does not hold, without pickles: EMA weights (safetensors), EMA and loop counters (JSON),
+    and the resolved config (YAML) that resume compares against."""
+    save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)}, directory / EMA_FILE)
+    counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    (directory / LOOP_STATE_FILE).write_text(json.dumps({"progress": progress.state_dict(), "ema": counters}) + "\n")
+    cfg.save(directory / CONFIG_FILE)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel, progress: Progress) -> None:
+    """Model, optimizer, LR schedule and RNG through ``load_state`` (``weights_only=True``), then EMA and progress."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # e.g. an UnpicklingError: weights_only refused an object in an optimizer file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"checkpoint {checkpoint} cannot be loaded ({type(error).__name__}: {first_line}); "
+                          "resume from another one") from None
+    # A checkpoint is at a step boundary: count micro-batches from there, whatever accumulation it was saved with.
+    accelerator.step = 0
+    state = json.loads((checkpoint / LOOP_STATE_FILE).read_text())
+    shadow = load_file(checkpoint / EMA_FILE)  # to the CPU: safetensors refuses devices such as gloo ranks' "cpu:0"
+    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]})
+    progress.load_state_dict(state["progress"])
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, write_extra: Callable[[Path], None]) -> Path:
     """Write the full training state atomically: ``save_state``, then ``write_extra(directory)`` on the main process,
     then the manifest. Then prune: of the checkpoints older than this one, keep the newest ``keep - 1``."""
     final = checkpoint_dir(output_dir, step)
-    tmp = final.with_name(TMP_PREFIX + final.name)
+    tmp = build_dir(final)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        start_build(final)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_extra(tmp)
         write_manifest(tmp)
-        fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        replace_dir(tmp, final)  # also over the same step saved before (e.g. a stop right after a periodic save)
         older = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < step]
         for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -142,36 +194,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` and the directories themselves to disk before a rename publishes them."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(build: Path, final: Path) -> None:
-    """Swap a fully written directory ``build`` into place at ``final`` (the old one stays until then)."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(build, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class StopSignal:

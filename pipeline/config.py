@@ -5,54 +5,43 @@ A run is described by a YAML file with the sections below, then overridden on th
 unset). Unknown keys and ill-typed or out-of-range values fail at start with a message naming the key and the
 closest valid ones. ``python pipeline/train.py --help`` prints every option with its default and meaning.
 
-The dataclasses are decoded by draccus (the dataclass configuration library LeRobot uses): ``draccus.decode``
-builds the sections from nested mappings and ``draccus.encode`` gives what ``Config.save`` writes. The spellings
-above, and the "did you mean" for choices, are decoders registered with ``draccus.decode.register``, the
-library's extension point; they replace draccus' own for ``bool``, ``int``, ``float``, ``str``, tuples,
-``Literal`` and unions in this process (nothing else here uses draccus). Tried and not used: ``draccus.parse``
-reads command-line values as YAML 1.1 (``--train.mixed_precision no`` becomes False), iterates ``1,2,2`` as
-characters and exits with argparse's messages, so ``parse_overrides`` splits the command line and the YAML file
-is read with YAML 1.2 booleans here; OmegaConf 2.4 structured configs take these dataclasses but have no hook
-for the comma and ``none`` spellings; tyro was not tried.
+This module owns the sections (dataclasses), their range checks (``validate``), ``load_config`` and ``--help``;
+``pipeline.config_decoding`` turns raw YAML and command-line values into typed ones. The lists of choices come
+from ``pipeline.names`` and the guidance rule from ``pipeline.guidance``, so importing this module loads neither
+torch nor diffusers: the command-line tools refuse a bad flag before their heavy imports.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import re
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import draccus
 import yaml
-from draccus.parsers.decoding import get_decoding_fn
 from draccus.utils import DecodingError, ParsingError
 
-from pipeline.data import EMBEDDED_MNIST
-from pipeline.data import PROJECT_ROOT as PROJECT_ROOT  # re-exported: the many `from pipeline.config import PROJECT_ROOT`
-from pipeline.diffusion import REFUSED_SAMPLERS, SamplerName
-from pipeline.errors import ConfigError as ConfigError  # re-exported: where every caller imports it from
+from pipeline.config_decoding import Yaml12Loader, close_matches  # importing it registers the decoders decode() uses
+from pipeline.errors import ConfigError
+from pipeline.guidance import GUIDANCE_RAMPS, check_guidance_settings
+from pipeline.names import (
+    CONDITIONING_MODES,
+    EMBEDDED_MNIST,
+    METRICS,
+    REFUSED_SAMPLERS,
+    SAMPLER_NAMES,
+    TRAINING_METRICS,
+    conditioning_problem,
+)
 
 T = TypeVar("T")
-# sample.guidance_ramp's choices: pipeline_conditional.GUIDANCE_RAMPS (this module does not import the pipeline)
-GuidanceRamp = Literal["constant", "increasing", "decreasing"]
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML with only true/false as booleans (YAML 1.2): ``mixed_precision: no`` stays the string "no"."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # sample.sampler's choices
+GuidanceRamp = Literal[GUIDANCE_RAMPS]  # type: ignore[valid-type]  # sample.guidance_ramp's choices
+TrainingMetric = Literal[TRAINING_METRICS]  # type: ignore[valid-type]  # train.eval_metrics' choices
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -72,7 +61,7 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = _opt((7,), "feature-map sizes that get self-attention")
     attention_heads: int = _opt(4, "heads of each self-attention block")
     dropout: float = _opt(0.1, "dropout inside residual blocks")
-    conditioning: Literal["multiply", "add", "scale_shift"] = _opt(
+    conditioning: Literal[CONDITIONING_MODES] = _opt(  # type: ignore[valid-type]
         "multiply", "how the class embedding c meets features h and time t: c*h+t, h+c+t, or AdaGN"
     )
     embed_after_norm: bool = _opt(
@@ -164,8 +153,9 @@ class TrainConfig:
     log_every: int = _opt(50, "steps between loss/lr/throughput logs")
     sample_every: int | None = _opt(1000, "steps between EMA sample grids in TensorBoard (none = off)")
     eval_every: int | None = _opt(None, "steps between small-N metrics (accuracy, classifier FID) in TensorBoard (none = off)")
-    eval_metrics: tuple[Literal["accuracy", "cfid", "fid"], ...] = _opt(
-        ("accuracy", "cfid"), "metrics logged every eval_every steps: accuracy, cfid (need the data set's classifier), fid (Inception)"
+    eval_metrics: tuple[TrainingMetric, ...] = _opt(
+        ("accuracy", "cfid"), "metrics logged every eval_every steps: "
+        + "; ".join(f"{name}: {METRICS[name].help}" for name in TRAINING_METRICS)
     )
     eval_per_class: int = _opt(10, "samples per class for those metrics (small on a CPU; FID wants >= 500 per class for absolute values)")
     checkpoint_every: int | None = _opt(1000, "steps between checkpoints (one is always written at exit)")
@@ -199,85 +189,6 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
-def _close(name: str, options: list[str]) -> str:
-    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(near)}?" if near else f"valid: {', '.join(options)}"
-
-
-# The decoders below are registered with include_subclasses=True so that draccus passes them the declared type
-# and calls them for None too (its plain registrations turn None into None for any type).
-
-
-def _decode_bool(hint: type, raw: Any, path: Sequence[str]) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-        return raw.lower() in ("true", "yes", "1", "on")
-    raise DecodingError(path, f"expected true or false, got {raw!r}")
-
-
-def _decode_number(hint: type, raw: Any, path: Sequence[str]) -> int | float:
-    if isinstance(raw, bool):  # YAML true/false would silently become 1/0
-        raise DecodingError(path, f"expected {hint.__name__}, got {raw!r}")
-    try:
-        number = hint(raw)
-    except (TypeError, ValueError, OverflowError):
-        raise DecodingError(path, f"expected {hint.__name__}, got {raw!r}") from None
-    if isinstance(raw, float) and number != raw:  # int(2.5) would silently truncate
-        raise DecodingError(path, f"expected an integer, got {raw!r}")
-    return number
-
-
-def _decode_str(hint: type, raw: Any, path: Sequence[str]) -> str:
-    if raw is None:
-        raise DecodingError(path, "expected a string")
-    return str(raw)
-
-
-def _decode_choice(hint: Any, raw: Any, path: Sequence[str]) -> Any:
-    choices = typing.get_args(hint)
-    if raw not in choices:
-        raise DecodingError(path, f"{raw!r} is not allowed; {_close(str(raw), [str(c) for c in choices])}")
-    return raw
-
-
-def _decode_tuple(hint: Any, raw: Any, path: Sequence[str]) -> tuple:
-    """``1,2,2`` or ``[1, 2, 2]`` (blank items dropped, so "" is empty), a YAML list, or one value; a fixed-length
-    tuple (``tuple[float, float]``) needs exactly its number of items."""
-    if isinstance(raw, str):
-        text = raw.strip()
-        if text[:1] + text[-1:] in ("[]", "()"):  # the YAML / Python spelling, as one would quote it on a command line
-            text = text[1:-1]
-        items: Sequence[Any] = [item.strip() for item in text.split(",") if item.strip()]
-    else:
-        items = raw if isinstance(raw, (list, tuple)) else [raw]
-    types_ = typing.get_args(hint)
-    if len(types_) == 2 and types_[1] is Ellipsis:
-        types_ = (types_[0],) * len(items)
-    elif len(items) != len(types_):
-        raise DecodingError(path, f"expected {len(types_)} values, got {len(items)}: {raw!r}")
-    return tuple(get_decoding_fn(kind)(item, path) for kind, item in zip(types_, items, strict=True))
-
-
-def _decode_union(hint: Any, raw: Any, path: Sequence[str]) -> Any:
-    """None for ``none``, ``null``, "" or YAML null where the type allows it, else the first member that decodes."""
-    members = [member for member in typing.get_args(hint) if member is not type(None)]
-    optional = len(members) < len(typing.get_args(hint))
-    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", ""))):
-        return None
-    for member in members[:-1]:
-        try:
-            return get_decoding_fn(member)(raw, path)
-        except DecodingError:
-            continue
-    return get_decoding_fn(members[-1])(raw, path)
-
-
-for _type, _decoder in [(bool, _decode_bool), (int, _decode_number), (float, _decode_number), (str, _decode_str),
-                        (tuple, _decode_tuple), (Literal, _decode_choice), (typing.Union, _decode_union),
-                        (types.UnionType, _decode_union)]:
-    draccus.decode.register(_type, _decoder, include_subclasses=True)
-get_decoding_fn.cache_clear()  # draccus caches a decoder per type; none built before these registrations may stay
 
 
 def decode(cls: type[T], raw: dict[str, Any]) -> T:
@@ -298,7 +209,7 @@ def _check_keys(cls: type, raw: dict[str, Any], prefix: str = "") -> None:
     for key, value in raw.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown config {kind} {name!r}; {_close(name, [prefix + known for known in hints])}")
+            raise ConfigError(f"unknown config {kind} {name!r}; {close_matches(name, [prefix + known for known in hints])}")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"section {name!r} must be a mapping of key: value")
@@ -308,14 +219,15 @@ def _check_keys(cls: type, raw: dict[str, Any], prefix: str = "") -> None:
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
     m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    conditioning = conditioning_problem(m.conditioning, m.embed_after_norm)
+    guidance = _guidance_problem(s)
     checks = [
         (m.base_channels >= 4, "model.base_channels must be >= 4"),
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be >= 1 each"),
         (m.layers_per_block >= 1, "model.layers_per_block must be >= 1"),
         (m.attention_heads >= 1, "model.attention_heads must be >= 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (not (m.embed_after_norm and m.conditioning == "scale_shift"),
-         "model.embed_after_norm applies to multiply and add; scale_shift is always after the norm (set it false)"),
+        (conditioning is None, f"model.{conditioning}"),
         (d.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be >= 2"),
         (0.0 <= d.p_uncond < 1.0, "diffusion.p_uncond must be in [0, 1)"),
         (d.snr_gamma > 0, "diffusion.snr_gamma must be > 0"),
@@ -335,16 +247,12 @@ def validate(cfg: Config) -> Config:
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (t.eval_per_class >= 1, "train.eval_per_class must be >= 1"),
-        (len(t.eval_metrics) >= 1, "train.eval_metrics must name at least one of accuracy, cfid, fid"),
+        (len(t.eval_metrics) >= 1, f"train.eval_metrics must name at least one of {', '.join(TRAINING_METRICS)}"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs must be >= 1"),
         (t.max_minutes is None or t.max_minutes > 0, "train.max_minutes must be > 0"),
         (s.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
-        (0 <= s.guidance_scale < math.inf, "sample.guidance_scale must be >= 0 and finite"),
-        (s.guidance_interval is None or 0 <= s.guidance_interval[0] < s.guidance_interval[1],
-         "sample.guidance_interval must be lo,hi with 0 <= lo < hi (hi may be inf), e.g. 0.3,5.0, or none"),
-        (s.guidance_ramp == "constant" or s.guidance_scale >= 0.5,
-         f"sample.guidance_ramp {s.guidance_ramp} needs sample.guidance_scale >= 0.5 (its weights reach 2s - 1, which must be >= 0)"),
+        (guidance is None, f"sample.{guidance}"),
     ]
     for every in ("sample_every", "eval_every", "checkpoint_every", "export_every"):
         value = getattr(t, every)
@@ -362,9 +270,18 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _guidance_problem(sample: SampleConfig) -> str | None:
+    """Why ``pipeline.guidance`` refuses these guidance settings (its message starts with the field), or None."""
+    try:
+        check_guidance_settings(sample.guidance_scale, sample.guidance_interval, sample.guidance_ramp)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def read_yaml(path: Path) -> Any:
-    """A config or study file, with YAML 1.2 booleans (only true/false) as described at ``_Yaml12Loader``."""
-    return yaml.load(path.read_text(), Loader=_Yaml12Loader)
+    """A config or study file, with YAML 1.2 booleans (only true/false), as ``config_decoding.Yaml12Loader`` reads them."""
+    return yaml.load(path.read_text(), Loader=Yaml12Loader)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:

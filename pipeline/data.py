@@ -14,21 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import DataConfig
 from pipeline.errors import ConfigError
-
-if TYPE_CHECKING:  # annotations only: pipeline.config imports this module for EMBEDDED_MNIST
-    from pipeline.config import DataConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The MNIST copy committed with the project (relative to PROJECT_ROOT): the data set when none is configured.
-EMBEDDED_MNIST = "data/mnist"
+from pipeline.names import PROJECT_ROOT
 
 
 def resolve_dataset_path(dataset: str) -> str:

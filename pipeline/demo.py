@@ -23,7 +23,10 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import PROJECT_ROOT, SampleConfig, decode
+from pipeline.config import SampleConfig
+from pipeline.guidance import GUIDANCE_RAMPS
+from pipeline.names import PROJECT_ROOT, SAMPLER_NAMES
+from pipeline.sample_flags import sample_settings
 
 if TYPE_CHECKING:  # torch, diffusers and gradio are imported once the command line is known to be good
     import PIL.Image
@@ -58,17 +61,17 @@ class Generator:
         import torch
         import torchvision
 
-        from pipeline.diffusion import SAMPLERS
         from pipeline.sampling import sample_images
 
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
         steps, seed, per_class = _whole(steps, "steps"), _whole(seed, "seed"), _whole(per_class, "images per class")
         if not 1 <= per_class <= MAX_PER_CLASS:
             raise ValueError(f"images per class must be 1..{MAX_PER_CLASS}, got {per_class}")
-        # decoded as a config's values are (ConfigError, a ValueError, if malformed), then checked against this model
-        settings = decode(SampleConfig, {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale,
-                                         "guidance_ramp": guidance_ramp, "guidance_interval": guidance_interval.strip() or None})
+        # decoded and checked as the command lines' flags are (ConfigError, a ValueError), then against this model;
+        # an empty interval box is every step, not the run's interval
+        settings = sample_settings(SampleConfig(), sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale,
+                                   guidance_ramp=guidance_ramp, guidance_interval=guidance_interval.strip() or "none")
         self.pipe.check_guidance(settings.guidance_scale, settings.guidance_interval, settings.guidance_ramp)
         started = time.perf_counter()
         autocast = torch.autocast(self.pipe.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -125,9 +128,6 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
     """The Gradio page around ``generator``."""
     import gradio as gr
 
-    from pipeline.diffusion import SAMPLERS
-    from pipeline.pipeline_conditional import GUIDANCE_RAMPS
-
     pipe = generator.pipe
 
     def generate(*args):
@@ -149,7 +149,7 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
                                    interactive=guided)
                 interval = gr.Textbox(value=",".join(f"{v:g}" for v in defaults.guidance_interval or ()), placeholder="every step",
                                       label="Guidance interval LO,HI (noise levels sigma guided)", interactive=guided)
-                sampler = gr.Dropdown(list(SAMPLERS), value=defaults.sampler, label="Sampler")
+                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.sampler, label="Sampler")
                 steps = gr.Number(value=defaults.num_inference_steps, precision=0, label="Steps")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 per_class = gr.Slider(1, MAX_PER_CLASS, value=4, step=1, label="Images per class")

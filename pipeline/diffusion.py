@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import (
@@ -24,28 +23,20 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from pipeline.config import DiffusionConfig
+from pipeline.names import SAMPLER_NAMES
 from pipeline.sampler_checks import BETA_SCHEDULES, COSINE_LAMBDA_MIN_CLIPPED, check_sampler
 
-if TYPE_CHECKING:  # annotations only: pipeline.config imports this module for the sampler names and refusals
-    from pipeline.config import DiffusionConfig
-
-SAMPLERS: dict[str, type[SchedulerMixin]] = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-}
-SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # sample.sampler's choices: the names above
-# (sampler, schedule, prediction type) that check_sampler refuses (docs/samplers.md), for pipeline.config to refuse
-# a run at start rather than at its first sample grid; tests/test_schedulers.py builds every combination with
-# make_sampler and checks that exactly these raise.
-REFUSED_SAMPLERS = {
-    ("euler", "cosine", "epsilon"): "its first step multiplies the epsilon error by sigma_max ~2e4",
-    ("euler_a", "cosine", "epsilon"): "it returns NaN at some step counts (diffusers #14213)",
-    ("euler_a", "cosine", "v_prediction"): "it returns NaN at some step counts (diffusers #14213)",
-}
+# The diffusers class of each sampler name, in the order of pipeline.names.SAMPLER_NAMES (which the config's
+# sample.sampler choices come from; pipeline.names.REFUSED_SAMPLERS lists the combinations check_sampler refuses).
+SAMPLERS: dict[str, type[SchedulerMixin]] = dict(zip(SAMPLER_NAMES, (
+    DDPMScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+), strict=True))
 
 
 def make_train_scheduler(cfg: DiffusionConfig, learned_variance: bool = False) -> DDPMScheduler:

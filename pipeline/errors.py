@@ -1,7 +1,7 @@
 """``ConfigError``: bad input (config, data, checkpoint), which the command-line tools report in one line, exit 2.
 
-A module of its own because ``pipeline.config`` imports ``pipeline.data`` (the embedded data set is the default
-``data.dataset``) and the data loader raises this error too.
+A module of its own, importing nothing, so that every module that refuses bad input (the config, the data loader,
+checkpoints, the run directory, the command lines) raises the same error without importing any of the others.
 """
 
 

@@ -1,17 +1,21 @@
 """Self-contained exports: a ``save_pretrained`` folder that plain diffusers opens, with its code and model card.
 
 The folder carries this project's own modules, copied at export: the pipeline's module
-(``pipeline_conditional.py``) with the modules it imports relatively (``sampler_checks.py``,
-``models/unet.py``), and the U-Net's module as ``unet/unet.py`` (diffusers' convention for a custom
-component). ``model_index.json`` names them, so that
+(``pipeline_conditional.py``) with the modules it imports relatively (``sampler_checks.py``, ``guidance.py``), and
+the U-Net's module as ``unet/unet.py`` (diffusers' convention for a custom component; the pipeline's module names
+the U-Net's class without importing it, so this is the one copy of the U-Net's code). ``model_index.json`` names
+them, so that
 
 >>> DiffusionPipeline.from_pretrained("runs/quickstart/pipeline", trust_remote_code=True)
 
 loads with only torch and diffusers installed. Every shipped file is checked to import nothing but the standard
 library, torch, diffusers (and numpy and PIL, which diffusers requires) and the files shipped beside it.
 
-``python -m pipeline.export RUN_DIR`` re-exports a run's ``pipeline/`` folder in this form (an older export, or
-a committed pretrained pipeline with the ``config.yaml`` of its run beside it).
+Each writer builds its folder in full beside the target and swaps it in (``pipeline.atomic``), so a crash never
+leaves a half-written export: ``export_pipeline`` (training, and ``python -m pipeline.export RUN_DIR``, which
+rewrites a run's ``pipeline/`` with this checkout's code and a new card), ``publish`` (``--out DIR``: a copy to
+commit or share) and ``update_code`` (``--update-code DIR``: this checkout's code in an export whose weights, config,
+sample grid, metrics and card stay as they are, e.g. the committed ``data/pretrained/`` pipelines).
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin
 
+from pipeline.atomic import rebuilt
 from pipeline.config import SampleConfig, decode
-from pipeline.model_card import TrainingRecord, write_model_card
+from pipeline.model_card import TrainingRecord, measured_section, shipped_code, with_shipped_code, write_model_card
+from pipeline.models.unet import ConditionalUNet
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.sampling import saved_run_config
 
 # what a shipped module may import besides the standard library and the files shipped beside it
 SHIPPABLE_PACKAGES = frozenset({"torch", "diffusers", "numpy", "PIL"})
@@ -40,23 +48,29 @@ def save_export(pipe: DiffusionPipeline, directory: Path, record: TrainingRecord
     """``pipe.save_pretrained(directory)`` plus the code that opens it in plain diffusers and, with ``record``,
     the model card (``README.md``) and its sample grid."""
     pipe.save_pretrained(directory)
-    pipeline_file = Path(sys.modules[type(pipe).__module__].__file__)
+    write_code(directory, type(pipe), type(pipe.unet))
+    if record is not None:
+        write_model_card(pipe, directory, record)
+
+
+def write_code(directory: Path, pipeline_class: type, unet_class: type) -> None:
+    """Copy ``pipeline_class``'s module with the modules it imports relatively, and ``unet_class``'s module as
+    ``unet/<its name>.py``, into the saved pipeline ``directory``, and name them in its ``model_index.json``."""
+    pipeline_file = Path(sys.modules[pipeline_class.__module__].__file__)
     for relative in shipped_files(pipeline_file):
         target = directory / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pipeline_file.parent / relative, target)
-    unet_file = Path(sys.modules[type(pipe.unet).__module__].__file__)
+    unet_file = Path(sys.modules[unet_class.__module__].__file__)
     if local_imports(unet_file):
         raise ExportError(f"{unet_file} imports modules beside it; diffusers loads a component from one file")
     shutil.copyfile(unet_file, directory / "unet" / unet_file.name)
 
     index_path = directory / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["_class_name"] = [pipeline_file.stem, type(pipe).__name__]
-    index["unet"] = [unet_file.stem, type(pipe.unet).__name__]
+    index["_class_name"] = [pipeline_file.stem, pipeline_class.__name__]
+    index["unet"] = [unet_file.stem, unet_class.__name__]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if record is not None:
-        write_model_card(pipe, directory, record)
 
 
 def shipped_files(module_file: Path) -> list[Path]:
@@ -102,55 +116,76 @@ def local_imports(module_file: Path) -> list[Path]:
     return files
 
 
+def export_pipeline(unet: ConditionalUNet, scheduler: SchedulerMixin, output_dir: Path, record: TrainingRecord | None = None) -> Path:
+    """Write ``output_dir/pipeline``: ``save_export`` of ``unet`` and ``scheduler`` (with a model card given
+    ``record``), built beside it and swapped in whole. Returns the folder."""
+    final = output_dir / "pipeline"
+    with rebuilt(final) as build:
+        save_export(ConditionalDiffusionPipeline(unet=unet, scheduler=scheduler), build, record)
+    return final
+
+
 def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None) -> None:
     """A copy of a run's pipeline to commit or share: the self-contained export with its card in ``out``, the run's
     config as ``config.yaml`` inside it (so evaluation and figures take its sampler, steps and guidance), the U-Net's
     weights in float16 with ``half`` (``from_pretrained`` loads them as float32), and with ``evaluation`` (an
     ``evaluate --out`` JSON) that file as ``metrics.json``, its table at the end of the card, and its sampler, steps
     and guidance in the card, the sample grid and ``config.yaml``."""
-    from pipeline.checkpointing import replace_dir
-    from pipeline.evaluation.metrics import markdown_table
-
     result = json.loads(evaluation.read_text()) if evaluation is not None else None
     if result is not None:  # ship the sampling that was measured (a guidance chosen after training, say)
         record.config.sample = decode(SampleConfig, result["sample"])  # JSON lists back to tuples; older files lack keys
-    build = out.parent / f".tmp-{out.name}"
-    save_export(pipe, build, record)
-    if half:  # after the card's sample grid, which a CPU draws in float32
-        pipe.unet.half().save_pretrained(str(build / "unet"))
-    record.config.save(build / "config.yaml")
-    if result is not None:
-        shutil.copyfile(evaluation, build / "metrics.json")
-        sample = record.config.sample
-        reference = result["reference"]
+    with rebuilt(out) as build:
+        save_export(pipe, build, record)
+        if half:  # after the card's sample grid, which a CPU draws in float32
+            pipe.unet.half().save_pretrained(str(build / "unet"))
+        record.config.save(build / "config.yaml")
+        if result is not None:
+            shutil.copyfile(evaluation, build / "metrics.json")
+            card = build / "README.md"
+            card.write_text(card.read_text() + "\n" + measured_section(result, record.config.sample))
+
+
+def update_code(folder: Path) -> None:
+    """Put this checkout's code in the export ``folder``: its ``.py`` files (those no longer shipped are dropped),
+    the class names in ``model_index.json`` and the card's list of the shipped files. Every other file (weights,
+    configs, sample grid, ``metrics.json``, the rest of the card) is copied byte for byte. Refused (ValueError) if
+    ``folder`` is no export or the new code cannot open its weights."""
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not an exported pipeline (no model_index.json)")
+    with rebuilt(folder) as build:
+        shutil.copytree(folder, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        for directory in sorted(build.rglob("*"), reverse=True):  # deepest first: a folder that only held code goes
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        write_code(build, ConditionalDiffusionPipeline, ConditionalUNet)
         card = build / "README.md"
-        card.write_text(card.read_text() + "\n" + "\n".join([
-            "## Measured", "",
-            f"`python -m pipeline.evaluation evaluate` ({result['per_class']} samples per class, {sample.sampler} "
-            f"{sample.num_inference_steps} steps, {sample.guidance_text()}; distances against the "
-            f"{reference['split']} split, {reference['max_samples'] or 'all'} images; {result.get('hardware', '')}; "
-            "`metrics.json` has every number):", "",
-            markdown_table(result["rows"]),
-        ]))
-    replace_dir(build, out)
+        if card.is_file():
+            card.write_text(with_shipped_code(card.read_text(), shipped_code(build)))
+        ConditionalDiffusionPipeline.from_pretrained(build)  # the new code opens the weights, or the old folder stays
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.export RUN_DIR``: rewrite ``RUN_DIR/pipeline`` as a self-contained export with a card;
-    with ``--out DIR``, publish a copy there instead (``--half``, ``--evaluation``, ``--command``: see ``publish``)."""
+    with ``--out DIR``, publish a copy there instead (``--half``, ``--evaluation``, ``--command``: see ``publish``).
+    ``python -m pipeline.export --update-code DIR``: only replace the code of the export DIR (see ``update_code``)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path, help="a training run's output directory (pipeline/ and config.yaml)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("run_dir", type=Path, nargs="?", help="a training run's output directory (pipeline/ and config.yaml)")
+    source.add_argument("--update-code", type=Path, metavar="DIR",
+                        help="an export (e.g. data/pretrained/NAME) to give this checkout's code, keeping its weights and card")
     parser.add_argument("--out", type=Path, help="publish a copy here (e.g. data/pretrained/NAME) instead of rewriting RUN_DIR/pipeline")
     parser.add_argument("--half", action="store_true", help="with --out: store the U-Net's weights in float16")
     parser.add_argument("--evaluation", type=Path, help="with --out: an `evaluate --out` JSON to ship and show on the card")
     parser.add_argument("--command", help="with --out: the training command to show on the card")
     args = parser.parse_args(argv)
-    from pipeline.checkpointing import replace_dir
-    from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
-    from pipeline.sampling import saved_run_config
-
-    folder = args.run_dir / "pipeline"
     try:
+        if args.update_code is not None:
+            if args.out or args.half or args.evaluation or args.command:
+                raise ValueError("--update-code takes no other option: it keeps the export's weights, config and card")
+            update_code(args.update_code)
+            print(f"updated the code in {args.update_code} (weights, config, card and metrics kept)")
+            return 0
+        folder = args.run_dir / "pipeline"
         if not (folder / "model_index.json").is_file():
             raise ValueError(f"{folder} is not an exported pipeline (no model_index.json)")
         if args.out is None and (args.half or args.evaluation or args.command):
@@ -161,14 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             publish(pipe, args.out, record, args.half, args.evaluation)
             print(f"wrote {args.out} (self-contained, README.md{', float16 weights' if args.half else ''})")
-            return 0
-        build = args.run_dir / ".tmp-pipeline"
-        save_export(pipe, build, record)
+        else:
+            export_pipeline(pipe.unet, pipe.scheduler, args.run_dir, record)
+            print(f"wrote {folder} (self-contained, README.md)")
     except ValueError as error:  # ConfigError and ExportError too
         print(f"error: {error}", file=sys.stderr)
         return 2
-    replace_dir(build, folder)
-    print(f"wrote {folder} (self-contained, README.md)")
     return 0
 
 

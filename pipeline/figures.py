@@ -8,8 +8,9 @@
     python -m pipeline.figures guidance --pipeline runs/x/pipeline --scales 1,2,3,5 --out guidance.png
     python -m pipeline.figures all --pipeline runs/x/pipeline --out-dir docs/figures/x # every one of them
 
-Sampling figures take ``--sampler``, ``--steps``, ``--guidance`` and ``--seed`` (defaults: the run's
-``config.yaml`` beside the pipeline, else ``SampleConfig``'s).
+Sampling figures take ``--sampler``, ``--steps``, ``--guidance``, ``--guidance-interval``, ``--guidance-ramp``
+(``pipeline.sample_flags``; defaults: the run's ``config.yaml`` beside the pipeline, else ``SampleConfig``'s) and
+``--seed``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torchvision  # noqa: E402
 
 from pipeline.config import DataConfig, DiffusionConfig, SampleConfig, load_config  # noqa: E402
 from pipeline.diffusion import make_train_scheduler  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline  # noqa: E402
+from pipeline.sample_flags import add_sample_flags, flagged_settings  # noqa: E402
 from pipeline.sampling import sample_images, saved_run_config  # noqa: E402
 from pipeline.tensorboard_logs import read_scalars, training_minutes  # noqa: E402
 
@@ -221,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="data for the forward figure (default: the run's, else data/mnist)")
     parser.add_argument("--out", help="PNG path (single figures)")
     parser.add_argument("--out-dir", help="directory for 'all'")
-    parser.add_argument("--sampler")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
+    add_sample_flags(parser)
     parser.add_argument("--scales", default="1,2,3,5", help="guidance scales of the sweep")
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -234,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if needs_pipeline and not args.pipeline:
         parser.error(f"{args.figure} needs --pipeline")
     cfg = saved_run_config(args.pipeline)
-    sample = dataclasses.replace(  # the run's guidance interval and ramp stay
-        cfg.sample, sampler=args.sampler or cfg.sample.sampler, num_inference_steps=args.steps or cfg.sample.num_inference_steps,
-        guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance)
+    try:
+        sample = flagged_settings(cfg.sample, args)
+    except ConfigError as error:  # a bad sampling flag fails before the pipeline loads
+        parser.error(str(error))
     out_dir = Path(args.out_dir) if args.out_dir else None
     path = (lambda name: out_dir / f"{name}.png") if out_dir else (lambda name: Path(args.out))
     wanted = ["forward", "reverse", "grid", "guidance", "loss"] if args.figure == "all" else [args.figure]

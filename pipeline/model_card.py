@@ -1,9 +1,10 @@
 """The model card of an export: ``README.md`` in the style of diffusers' training examples (``save_model_card``)
 and the sample grid it shows (``samples.png``), written beside ``model_index.json``.
 
-The card has YAML metadata for the Hugging Face hub, the loading snippet (plain diffusers and this project),
-the data set, steps and images seen, the training command, the resolved config, and the last in-training
-evaluation metrics (``eval/*`` in the run's TensorBoard logs) if there are any.
+The card has YAML metadata for the Hugging Face hub, the code files the folder ships, the loading snippet (plain
+diffusers and this project), the data set, steps and images seen, the training command, the resolved config, and
+the last in-training evaluation metrics (``eval/*`` in the run's TensorBoard logs) if there are any; a published
+copy adds what ``evaluate`` measured (``measured_section``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ GRID_PER_CLASS = 8
 PIPELINE_TAG = "unconditional-image-generation"
 LICENSE = "apache-2.0"  # as diffusers' own training examples release their models
 TAGS = ("diffusers", "diffusers-training", "class-conditional", "ddpm", "classifier-free-guidance")
+CODE_SENTENCE_START = "With only `torch` and `diffusers` installed (the folder ships its code: "
 
 
 @dataclass
@@ -53,14 +55,49 @@ class TrainingRecord:
 
 
 def write_model_card(pipe: ConditionalDiffusionPipeline, directory: Path, record: TrainingRecord) -> Path:
-    """Write ``directory/README.md`` and ``directory/samples.png`` (one row of samples per class). Returns the card."""
+    """Write ``directory/README.md`` and ``directory/samples.png`` (one row of samples per class) into an export whose
+    code is already in place (the card names it). Returns the card."""
     from pipeline.figures import class_grid
 
     sample = record.config.sample
     class_grid(pipe, directory / GRID_FILE, per_class=GRID_PER_CLASS, sample=sample, seed=record.config.train.seed)
     card = directory / "README.md"
-    card.write_text(model_card_text(pipe, record, last_metrics(record.run_dir)))
+    card.write_text(model_card_text(pipe, record, last_metrics(record.run_dir), shipped_code(directory)))
     return card
+
+
+def shipped_code(directory: Path) -> list[str]:
+    """The code files of the export ``directory``, relative to it: its own, then its subfolders', by name."""
+    files = (path.relative_to(directory) for path in directory.rglob("*.py"))
+    return [str(path) for path in sorted(files, key=lambda path: (len(path.parts), str(path)))]
+
+
+def code_sentence(code: list[str]) -> str:
+    """The card's line that introduces the loading snippet and names the ``code`` files the folder ships."""
+    names = [f"`{name}`" for name in code]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+    return f"{CODE_SENTENCE_START}{listed}):"
+
+
+def with_shipped_code(card: str, code: list[str]) -> str:
+    """``card`` with its list of shipped files (``code_sentence``) naming ``code`` instead (``pipeline.export
+    --update-code``); the rest of the card is unchanged."""
+    return "\n".join(code_sentence(code) if line.startswith(CODE_SENTENCE_START) else line for line in card.split("\n"))
+
+
+def measured_section(result: dict, sample: SampleConfig) -> str:
+    """The card's ``## Measured`` section: how the ``evaluate --out`` JSON ``result`` was measured, and its table."""
+    from pipeline.evaluation.metrics import markdown_table
+
+    reference = result["reference"]
+    return "\n".join([
+        "## Measured", "",
+        f"`python -m pipeline.evaluation evaluate` ({result['per_class']} samples per class, {sample.sampler} "
+        f"{sample.num_inference_steps} steps, {sample.guidance_text()}; distances against the "
+        f"{reference['split']} split, {reference['max_samples'] or 'all'} images; {result.get('hardware', '')}; "
+        "`metrics.json` has every number):", "",
+        markdown_table(result["rows"]),
+    ])
 
 
 def last_metrics(run_dir: Path) -> dict[str, tuple[int, float]]:
@@ -101,8 +138,9 @@ def guidance_arguments(sample: SampleConfig) -> str:
     return arguments
 
 
-def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, metrics: dict[str, tuple[int, float]]) -> str:
-    """The card's Markdown (YAML front matter first)."""
+def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, metrics: dict[str, tuple[int, float]],
+                    code: list[str]) -> str:
+    """The card's Markdown (YAML front matter first); ``code``: the files the folder ships (``shipped_code``)."""
     cfg = record.config
     unet = pipe.unet.config
     dataset = dataset_id(cfg.data.dataset)
@@ -122,8 +160,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         f"One row per class, {GRID_PER_CLASS} samples each: {cfg.sample.sampler}, {cfg.sample.num_inference_steps} steps, "
         f"{cfg.sample.guidance_text()}, seed {cfg.train.seed}.", "",
         "## Use it", "",
-        "With only `torch` and `diffusers` installed (the folder ships its code: `pipeline_conditional.py`, "
-        "`sampler_checks.py`, `models/unet.py` and `unet/unet.py`):", "",
+        code_sentence(code), "",
         "```python",
         "import torch",
         f"from diffusers import DiffusionPipeline, {scheduler_name}",

@@ -11,9 +11,8 @@ imports, so that plain diffusers opens them (``pipeline.export``).
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,17 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, Mod
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models.unet import ConditionalUNet
+from .guidance import check_guidance_settings, guidance_weights
 from .sampler_checks import check_sampler
+
+# This package's U-Net (module, class), which ``load_config`` puts in place of an export's shipped copy. Named, not
+# imported: an export ships this file with every module it imports relatively, and diffusers' loader copies each
+# relative import line it reads in the text (even one under TYPE_CHECKING), so an import would ship the U-Net's
+# code a second time beside ``unet/unet.py``. tests/test_export.py pins the name to ``pipeline.ConditionalUNet``.
+PROJECT_UNET = ("pipeline.models.unet", "ConditionalUNet")
 
 Labels = int | str | Sequence[Any] | torch.Tensor
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
-# how the guidance weight runs over the denoising steps (``guidance_weights``)
-GUIDANCE_RAMPS = ("constant", "increasing", "decreasing")
 
 
 @dataclass
@@ -50,7 +53,7 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
     ``guidance_scale`` s follows diffusers: ``eps = eps_null + s * (eps_cond - eps_null)``; s = 1 is the
     plain conditional model, s > 1 strengthens the class. The seed paper and TeaPearce's
     Conditional_Diffusion_MNIST write ``eps = (1 + w) * eps_cond - w * eps_null``, so ``s = 1 + w``.
-    ``guidance_interval`` and ``guidance_ramp`` vary the weight over the steps (``guidance_weights``).
+    ``guidance_interval`` and ``guidance_ramp`` vary the weight over the steps (``guidance.guidance_weights``).
 
     Args:
         unet: a ``ConditionalUNet`` (typed ``ModelMixin``: plain diffusers loads the copy an export ships in
@@ -76,17 +79,18 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         ``["pipeline_conditional", "ConditionalDiffusionPipeline"]``, ``unet`` ``["unet", "ConditionalUNet"]``) for
         plain diffusers, which loads it with ``trust_remote_code=True``; this class and its own U-Net module
         are used instead, so ``from_pretrained`` on this class needs no ``trust_remote_code``."""
+        importlib.import_module(PROJECT_UNET[0])  # diffusers loads a component's class only from an imported module
         loaded = super().load_config(*args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = cls.__name__
-            config["unet"] = [ConditionalUNet.__module__, ConditionalUNet.__name__]
+            config["unet"] = list(PROJECT_UNET)
         return loaded
 
     @property
     def guidance_scale(self) -> float:
         """The classifier-free guidance scale s requested of the running (or last) call, as in diffusers. With a
-        ``guidance_interval`` or ``guidance_ramp`` a step's weight differs from s (``guidance_weights``); a step
+        ``guidance_interval`` or ``guidance_ramp`` a step's weight differs from s (``guidance.guidance_weights``); a step
         callback may change s, and the remaining steps then take their weights from the new s."""
         return self._guidance_scale
 
@@ -130,20 +134,12 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
 
     def check_guidance(self, guidance_scale: float, interval: tuple[float, float] | None = None, ramp: str = "constant") -> None:
-        """Raise ValueError unless this model can be sampled at ``guidance_scale``: finite, >= 0, and 1 (no guidance)
-        unless the model has a null class; ``interval`` and ``ramp`` as ``guidance_weights`` takes them, a ramp with
-        s >= 0.5 (its weights reach 2s - 1, and no step's weight may be negative). The one guidance rule:
+        """Raise ValueError unless this model can be sampled at ``guidance_scale``: 1 (no guidance) unless the model
+        has a null class, and the settings valid by ``guidance.check_guidance_settings`` (the one guidance rule).
         ``__call__`` checks it once, before the first step."""
         if guidance_scale != 1.0:
             self._null_class(guidance_scale)
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        _check_schedule(interval, ramp)
-        if ramp != "constant" and guidance_scale < 0.5:
-            raise ValueError(f"guidance_ramp {ramp!r} at guidance_scale {guidance_scale} gives steps the negative weight "
-                             f"{2 * guidance_scale - 1:g} (2s - 1); use guidance_scale >= 0.5 or guidance_ramp 'constant'")
+        check_guidance_settings(guidance_scale, interval, ramp)
 
     def _null_class(self, guidance_scale: float) -> int:
         """The label that guidance at ``guidance_scale`` contrasts with; ValueError for a model trained without one."""
@@ -227,7 +223,7 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             guidance_ramp: ``"constant"`` (weight s at every step), ``"increasing"`` (1 + (s - 1) 2p at progress
                 p = i / (n - 1) of step i of n: little guidance at high noise, most at the end) or ``"decreasing"``
                 (1 + (s - 1) 2(1 - p)); both ramps average s over the steps (Wang et al. 2024). With an interval,
-                the ramp's weight applies inside it and 1 outside. ``guidance_weights`` gives every step's weight.
+                the ramp's weight applies inside it and 1 outside. ``guidance.guidance_weights`` gives every step's weight.
         """
         labels = self.label_tensor(class_labels, num_images_per_label)
         self.check_guidance(guidance_scale, guidance_interval, guidance_ramp)
@@ -325,41 +321,6 @@ def noise_levels(scheduler: SchedulerMixin) -> list[float]:
     steps = scheduler.timesteps.double().cpu().round().long().clamp(0, len(alphas_cumprod) - 1)
     alpha_bar = alphas_cumprod[steps]
     return ((1 - alpha_bar) / alpha_bar).sqrt().tolist()
-
-
-def guidance_weights(guidance_scale: float, sigmas: Sequence[float], interval: tuple[float, float] | None = None,
-                     ramp: str = "constant") -> list[float]:
-    """The guidance weight of each of the n steps whose noise levels are ``sigmas`` (in sampling order, as
-    ``noise_levels`` gives them): 1 where ``interval`` (lo, hi] excludes sigma, else by ``ramp`` at progress
-    p = i / (n - 1) (p = 1/2 for a single step, so that every ramp averages s): ``"constant"`` s, ``"increasing"``
-    1 + (s - 1) 2p, ``"decreasing"`` 1 + (s - 1) 2(1 - p). ValueError for a malformed interval or unknown ramp."""
-    _check_schedule(interval, ramp)
-    last = len(sigmas) - 1
-    weights = []
-    for i, sigma in enumerate(sigmas):
-        progress = i / last if last else 0.5
-        if interval is not None and not interval[0] < sigma <= interval[1]:
-            weights.append(1.0)
-        elif ramp == "constant":
-            weights.append(guidance_scale)  # s itself, not 1 + (s - 1): constant guidance stays bit-exact
-        else:
-            weights.append(1 + (guidance_scale - 1) * 2 * (progress if ramp == "increasing" else 1 - progress))
-    return weights
-
-
-def _check_schedule(interval: tuple[float, float] | None, ramp: str) -> None:
-    """ValueError unless ``ramp`` is one of ``GUIDANCE_RAMPS`` and ``interval`` None or two numbers 0 <= lo < hi."""
-    if ramp not in GUIDANCE_RAMPS:
-        raise ValueError(f"guidance_ramp {ramp!r} unknown; choose one of {', '.join(GUIDANCE_RAMPS)}")
-    if interval is None:
-        return
-    if not (isinstance(interval, (tuple, list)) and len(interval) == 2
-            and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in interval)):
-        raise ValueError(f"guidance_interval must be two noise levels (lo, hi), e.g. (0.3, 5.0), or None; got {interval!r}")
-    lo, hi = interval
-    if not 0 <= lo < hi:  # also false for NaN
-        raise ValueError(f"guidance_interval (lo, hi) needs 0 <= lo < hi (hi may be inf), got {interval!r}; "
-                         "e.g. (0.3, 5.0), or (0, inf) for every step")
 
 
 def _flatten(class_labels: Labels) -> list:

@@ -13,7 +13,8 @@ import socket
 from pathlib import Path
 
 from pipeline.checkpointing import checkpoint_step, list_checkpoints, set_aside
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
+from pipeline.errors import ConfigError
 
 RUN_OUTPUTS = ("checkpoints", "pipeline", "tensorboard", "samples", "status.json")
 

@@ -18,6 +18,7 @@ from accelerate.utils import gather_object
 
 from pipeline.config import Config, SampleConfig, load_config
 from pipeline.diffusion import make_sampler
+from pipeline.names import SAMPLING_PRECISIONS
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, Labels
 
 
@@ -67,7 +68,7 @@ def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-Precision = Literal["auto", "no", "bf16"]
+Precision = Literal[SAMPLING_PRECISIONS]  # type: ignore[valid-type]
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -19,7 +19,9 @@ if __name__ == "__main__" and not __package__:
     # Run as a file: make `import pipeline` find this package rather than its modules as top-level names.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline.config import ConfigError, load_config, options_help  # noqa: E402
+# torch-free imports: a bad flag is refused before the heavy ones (pipeline.training) below
+from pipeline.config import load_config, options_help  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 
 USAGE = "usage: train.py [--config FILE.yaml] [--resume latest|CHECKPOINT_DIR] [--section.key value ...]"
 

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import DataConfig
 from pipeline.data import (
     ImageData,
     ImageDataset,
@@ -21,6 +21,7 @@ from pipeline.data import (
     translate_where,
     translation_border,
 )
+from pipeline.errors import ConfigError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -14,10 +14,22 @@ import torch
 
 from pipeline.config import DataConfig, DiffusionConfig, SampleConfig
 from pipeline.data import flip_where, load_image_data
-from pipeline.evaluation import Evaluator, FeatureStats, InceptionFeatures, frechet_distance, inception_score, load_classifier
+from pipeline.errors import ConfigError
+from pipeline.evaluation import (
+    Evaluator,
+    FeatureStats,
+    InceptionFeatures,
+    frechet_distance,
+    inception_score,
+    load_classifier,
+    markdown_table,
+)
 from pipeline.evaluation.__main__ import main as evaluation_main
 from pipeline.evaluation.classifier import ImageClassifier, accuracy, augment, train_classifier
 from pipeline.evaluation.fid import tf_bilinear_resize
+from pipeline.evaluation.metrics import score_function
+from pipeline.names import COLUMNS, METRICS
+from pipeline.sample_flags import sample_settings
 from pipeline.sampling import generate
 
 # TF-FID Inception pool_3 features of ``pattern_image()`` (docs/evaluation.md): the first five and the L2 norm.
@@ -218,6 +230,36 @@ def test_evaluate_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
     assert "unknown metric(s) bogus" in capsys.readouterr().err
 
 
+def test_every_registered_metric_is_computed_and_tabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A metric is one entry of ``pipeline.names.METRICS`` plus its compute function: each resolves, and each of its
+    columns reaches the table and the training log (a new metric cannot silently drop out of them)."""
+    from pipeline.evaluation import metrics
+
+    for name, metric in METRICS.items():
+        assert callable(score_function(name)), metric.compute
+        assert metric.columns and set(metric.columns.values()) <= {"higher", "lower"}
+    assert list(COLUMNS) == [column for metric in METRICS.values() for column in metric.columns]
+    for column in COLUMNS:
+        assert markdown_table([{"name": "model", "n": 10, column: 0.5}]).splitlines()[0] == f"| name | n | {column} |"
+    table = markdown_table([{"name": "model", "n": 10, **dict.fromkeys(COLUMNS, 0.5)}])
+    assert table.splitlines()[0] == "| name | n | " + " | ".join(COLUMNS) + " |"
+
+    class EveryColumn:  # scores like an Evaluator of every metric, without a model or a data set
+        def score(self, samples: object) -> dict:
+            return {"n": 10, "per_class_accuracy": [0.5], **dict.fromkeys(COLUMNS, 0.5)}
+
+    monkeypatch.setattr(metrics, "generate", lambda *args, **kwargs: None)
+    assert metrics.evaluate_for_training(None, EveryColumn()) == {f"eval/{column}": 0.5 for column in COLUMNS}
+
+
+def test_evaluate_help_lists_the_registry(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        evaluation_main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, metric in METRICS.items():
+        assert f"{name}: {' '.join(metric.help.split())}" in text
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -236,6 +278,45 @@ def test_evaluate_cli_refuses_a_bad_guidance_schedule(flags: list[str], message:
     ConditionalDiffusionPipeline(unet=tiny_unet(), scheduler=make_train_scheduler(DiffusionConfig())).save_pretrained(tmp_path)
     assert evaluation_main(["evaluate", "--pipeline", str(tmp_path), "--dataset", "data/mnist", *flags]) == 2
     assert re.match(message, capsys.readouterr().err.splitlines()[-1])  # after from_pretrained's progress bar
+
+
+@pytest.mark.parametrize("interval", ["0.3,5.0", "[0.3, 5.0]", "(0.3, 5)"])
+def test_sample_settings_decode_flags_as_the_config_does(interval: str) -> None:
+    """The one decoder of --sampler/--steps/--guidance/--guidance-interval/--guidance-ramp (evaluate, figures) and the
+    demo's fields: what is given replaces the run's value, what is None keeps it."""
+    run = SampleConfig(sampler="ddim", guidance_interval=(1.0, 2.0), guidance_ramp="increasing")
+    settings = sample_settings(run, guidance_scale="3", guidance_interval=interval, num_inference_steps=None)
+    assert settings == SampleConfig("ddim", 20, 3.0, (0.3, 5.0), "increasing")
+    assert sample_settings(run, guidance_interval="none").guidance_interval is None
+    assert sample_settings(run) == run
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"sampler": "dpm"}, r"sampler: 'dpm' is not allowed"),
+        ({"num_inference_steps": "x"}, r"num_inference_steps: expected int"),
+        ({"num_inference_steps": 0}, r"num_inference_steps must be >= 1, got 0"),
+        ({"guidance_scale": "-1"}, r"guidance_scale must be >= 0, got -1\.0"),
+        ({"guidance_interval": "0.3"}, r"guidance_interval: expected 2 values, got 1"),
+        ({"guidance_interval": "5,0.3"}, r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"),
+        ({"guidance_ramp": "linear"}, r"guidance_ramp: 'linear' is not allowed"),
+        ({"guidance_scale": 0.2, "guidance_ramp": "decreasing"}, r"guidance_ramp 'decreasing' at guidance_scale 0\.2"),
+    ],
+)
+def test_sample_settings_refuse_a_bad_value_naming_its_field(given: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        sample_settings(SampleConfig(), **given)
+
+
+def test_sample_flags_load_no_torch() -> None:
+    """The command lines decode their sampling flags before their heavy imports."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.sample_flags; sys.exit(', '.join(sorted({'torch', 'diffusers'} & set(sys.modules))) or None)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--per-class"])

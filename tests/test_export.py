@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,11 @@ import pipeline.pipeline_conditional
 import pipeline.sampler_checks
 from pipeline.config import DiffusionConfig, load_config
 from pipeline.diffusion import make_train_scheduler
-from pipeline.export import ExportError, local_imports, save_export, shipped_files
-from pipeline.model_card import TrainingRecord, model_card_text
+from pipeline.export import ExportError, local_imports, save_export, shipped_files, update_code
+from pipeline.export import main as export_main
+from pipeline.model_card import TrainingRecord, code_sentence, model_card_text, shipped_code
 from pipeline.models.unet import ConditionalUNet
-from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.pipeline_conditional import PROJECT_UNET, ConditionalDiffusionPipeline
 from tests.factories import tiny_unet
 
 # Loads an export with plain diffusers in a process where this package (and einops, which it once needed)
@@ -83,11 +85,20 @@ def test_export_ships_the_project_modules_and_names_them(tiny_run: Path) -> None
     copies = {
         "pipeline_conditional.py": pipeline.pipeline_conditional,
         "sampler_checks.py": pipeline.sampler_checks,
-        "models/unet.py": pipeline.models.unet,
         "unet/unet.py": pipeline.models.unet,
     }
     for relative, module in copies.items():
         assert (folder / relative).read_bytes() == Path(module.__file__).read_bytes(), relative
+    # exactly the pipeline's module, the modules it imports and ONE copy of the U-Net's code, in unet/ for diffusers
+    imported = {str(path) for path in local_imports(Path(pipeline.pipeline_conditional.__file__))}
+    assert set(shipped_code(folder)) == {"pipeline_conditional.py", "unet/unet.py"} | imported
+    assert not (folder / "models").exists()
+
+
+def test_the_pipeline_module_names_the_project_unet_without_importing_it() -> None:
+    """``load_config`` swaps in this package's U-Net by name, so the pipeline's module imports no U-Net module."""
+    assert PROJECT_UNET == (ConditionalUNet.__module__, ConditionalUNet.__name__)
+    assert not any("unet" in str(path) for path in local_imports(Path(pipeline.pipeline_conditional.__file__)))
 
 
 def test_project_class_loads_an_export_with_its_own_code(tiny_run: Path) -> None:
@@ -112,16 +123,17 @@ def test_model_card(tiny_run: Path) -> None:
     config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
     assert config == yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert "Command: `" in body and "No in-training evaluation" in body
+    assert code_sentence(shipped_code(folder)) in body.splitlines()  # the card names the code the folder ships
 
 
 def test_model_card_names_a_guidance_schedule_and_its_snippet_runs(tmp_path: Path) -> None:
     pipe = ConditionalDiffusionPipeline(unet=tiny_unet(), scheduler=make_train_scheduler(DiffusionConfig()))
     pipe.set_progress_bar_config(disable=True)
     cfg = load_config(overrides={"train.max_steps": 1, "sample.num_inference_steps": 2, "sample.guidance_scale": 3.0})
-    plain = model_card_text(pipe, TrainingRecord(config=cfg, step=0, images_seen=0, run_dir=tmp_path), {})
+    plain = model_card_text(pipe, TrainingRecord(config=cfg, step=0, images_seen=0, run_dir=tmp_path), {}, ["pipeline_conditional.py"])
     assert "guidance scale 3.0, seed 0." in plain and "ramp" not in plain.split("```yaml")[0]
     cfg.sample.guidance_interval, cfg.sample.guidance_ramp = (0.3, float("inf")), "increasing"
-    card = model_card_text(pipe, TrainingRecord(config=cfg, step=0, images_seen=0, run_dir=tmp_path), {})
+    card = model_card_text(pipe, TrainingRecord(config=cfg, step=0, images_seen=0, run_dir=tmp_path), {}, ["pipeline_conditional.py"])
     assert "guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, inf], seed 0." in card
     (snippet,) = [line for line in card.splitlines() if line.startswith("images = pipe(")]
     assert 'guidance_interval=(0.3, float("inf")), guidance_ramp=\'increasing\'' in snippet
@@ -157,7 +169,6 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
     from safetensors import safe_open
 
     from pipeline.evaluation.__main__ import main as evaluation_main
-    from pipeline.export import main as export_main
 
     evaluation = tmp_path / "evaluation.json"
     assert evaluation_main(["evaluate", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "1", "--steps", "2",
@@ -182,3 +193,49 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
     assert "increasing ramp, only at noise levels sigma in (0.3, inf]" in card.split("## Measured")[1]
     assert load_config(tiny_run / "config.yaml").sample.guidance_scale != 1.5
     assert export_main([str(tiny_run), "--half"]) == 2  # --half without --out would rewrite the run's own export
+
+
+def test_update_code_replaces_only_the_code_of_an_older_export(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m pipeline.export --update-code DIR`` (how data/pretrained/ gets new code): this checkout's code, a
+    stale module dropped, the card's list of files rewritten; weights, configs, grid, metrics and the rest of the card
+    byte for byte; the new folder flushed to disk before it is swapped in."""
+    folder = tmp_path / "published"
+    shutil.copytree(tiny_run / "pipeline", folder)
+    old_list = code_sentence(["pipeline_conditional.py", "sampler_checks.py", "models/unet.py", "unet/unet.py"])
+    card = (folder / "README.md").read_text()
+    older_card = card.replace(code_sentence(shipped_code(folder)), old_list)
+    assert older_card != card
+    (folder / "README.md").write_text(older_card)
+    (folder / "models").mkdir()
+    (folder / "models" / "unet.py").write_text("# an older copy of the U-Net\n")
+    (folder / "pipeline_conditional.py").write_text("# an older pipeline\n")
+    (folder / "metrics.json").write_text('{"rows": []}\n')
+    kept = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*")
+            if path.is_file() and path.suffix != ".py" and path.name != "README.md"}
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert export_main(["--update-code", str(folder)]) == 0
+    assert str(tmp_path / ".tmp-published" / "unet" / "diffusion_pytorch_model.safetensors") in synced
+    assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*")
+            if path.is_file() and path.suffix != ".py" and path.name != "README.md"} == kept
+    fresh = tmp_path / "fresh"
+    save_export(ConditionalDiffusionPipeline.from_pretrained(tiny_run / "pipeline"), fresh)
+    assert {name: (folder / name).read_bytes() for name in shipped_code(folder)} == {name: (fresh / name).read_bytes()
+                                                                                      for name in shipped_code(fresh)}
+    assert not (folder / "models").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert (folder / "README.md").read_text() == card  # the card as the current export writes it
+    ConditionalDiffusionPipeline.from_pretrained(folder)
+
+    assert export_main(["--update-code", str(folder), "--half"]) == 2  # it keeps the weights as they are
+    assert export_main(["--update-code", str(tmp_path / "nothing")]) == 2
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # weights the code cannot open: the folder stays
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    with pytest.raises(OSError):
+        update_code(folder)
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,13 @@ import PIL.Image
 import pytest
 import yaml
 
-from pipeline import figures, study
-from pipeline.config import PROJECT_ROOT, ConfigError, SampleConfig, load_config
+from pipeline import figures
+from pipeline.config import SampleConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.names import PROJECT_ROOT
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.study import report, runner, sets, statistics
+from pipeline.study.__main__ import main as study_main
 from tests.conftest import TINY_MODEL
 from tests.test_evaluation import private_cache  # noqa: F401  (the evaluation tests' autouse cache fixture)
 
@@ -38,6 +43,18 @@ def test_forward_noising_from_the_schedules_alone(tmp_path: Path, mnist_path: Pa
     assert_picture(tmp_path / "forward.png", (800, 300))
 
 
+@pytest.mark.parametrize(("flags", "message"), [(["--guidance-interval", "5,0.3"], r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"),
+                                                (["--steps", "0"], r"num_inference_steps must be >= 1, got 0"),
+                                                (["--sampler", "dpm"], r"sampler: 'dpm' is not allowed")])
+def test_a_bad_sampling_flag_is_refused_before_the_pipeline_loads(flags: list[str], message: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Decoded by ``pipeline.sample_flags`` as ``evaluate`` decodes them; the pipeline folder is never opened."""
+    with pytest.raises(SystemExit) as exit_:
+        figures.main(["grid", "--pipeline", str(tmp_path / "absent"), "--out", str(tmp_path / "grid.png"), *flags])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+
+
 def test_sampling_figures(pipe: ConditionalDiffusionPipeline, tmp_path: Path) -> None:
     assert_picture(figures.reverse_process(pipe, tmp_path / "reverse.png", FAST, columns=3))
     assert_picture(figures.class_grid(pipe, tmp_path / "grid.png", per_class=3, sample=FAST))
@@ -55,16 +72,16 @@ def test_loss_curve_from_tensorboard(tiny_run: Path, tmp_path: Path) -> None:  #
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10-cpu", "cifar10", "datasets"])
 def test_every_set_builds_valid_configs(name: str, tmp_path: Path) -> None:
-    study_set = study.load_set(name)
+    study_set = sets.load_set(name)
     for run in study_set.runs:
-        cfg = study.run_config(study_set, run, seed=3, runs_dir=tmp_path)
+        cfg = runner.run_config(study_set, run, seed=3, runs_dir=tmp_path)
         assert cfg.train.max_steps == study_set.budget.steps and cfg.train.seed == 3
         assert cfg.train.output_dir == str(tmp_path / f"{run}-s3")
 
 
 def test_overlays_change_one_thing() -> None:
-    mnist = study.load_set("mnist")
-    base = study.run_config(mnist, "baseline", 0, Path("r")).to_dict()
+    mnist = sets.load_set("mnist")
+    base = runner.run_config(mnist, "baseline", 0, Path("r")).to_dict()
     for run, (section, key, value) in {
         "cosine": ("diffusion", "schedule", "cosine"),
         "cond-scale-shift": ("model", "conditioning", "scale_shift"),
@@ -74,11 +91,11 @@ def test_overlays_change_one_thing() -> None:
         "learned-variance": ("model", "learned_variance", True),
         "translate": ("data", "translate", 2),
     }.items():
-        changed = study.run_config(mnist, run, 0, Path("r")).to_dict()
+        changed = runner.run_config(mnist, run, 0, Path("r")).to_dict()
         assert changed[section][key] == value != base[section][key]
         differing = {(s, k) for s in base for k in base[s] if base[s][k] != changed[s][k] and k != "output_dir"}
         assert differing == {(section, key)}
-    assert study.run_config(study.load_set("cifar10"), "wide", 0, Path("r")).model.base_channels == 128  # inline overlay
+    assert runner.run_config(sets.load_set("cifar10"), "wide", 0, Path("r")).model.base_channels == 128  # inline overlay
 
 
 @pytest.mark.parametrize(("overlay", "key", "value"),
@@ -86,18 +103,31 @@ def test_overlays_change_one_thing() -> None:
 def test_augmentation_overlays_change_one_data_key(overlay: str, key: str, value: object) -> None:
     base_config = PROJECT_ROOT / "configs" / "experiments" / "mnist-cpu-base.yaml"
     base = load_config(base_config).to_dict()
-    changed = load_config(base_config, study.load_overlay(overlay, "test")).to_dict()
+    changed = load_config(base_config, sets.load_overlay(overlay, "test")).to_dict()
     assert changed["data"][key] == value != base["data"][key]
     assert {(s, k) for s in base for k in base[s] if base[s][k] != changed[s][k]} == {("data", key)}
 
 
 def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="known sets: .*mnist"):
-        study.load_set("nope")
+        sets.load_set("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": "configs/experiments/mnist-cpu-base.yaml", "runs": {"x": ["cosine", "cosin"]}}))
     with pytest.raises(ConfigError, match="overlay 'cosin' not found; known: .*cosine"):
-        study.load_set(str(bad))
+        sets.load_set(str(bad))
+
+
+def test_sets_load_and_bad_sets_are_refused_without_torch() -> None:
+    """Set files are decoded torch-free, so ``python -m pipeline.study`` refuses a bad set or flag before loading the
+    trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.study.__main__ import main; from pipeline.study.sets import load_set; load_set('mnist'); "
+            "status = main(['--set', 'nope']); print(status, [m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout == "2 []\n"
+    assert done.stderr == "error: study set 'nope' not found; known sets: cifar10, cifar10-cpu, datasets, mnist\n"
 
 
 @pytest.mark.parametrize(
@@ -119,14 +149,14 @@ def test_bad_sets_are_clear_errors(tmp_path: Path) -> None:
     ],
 )
 def test_set_sections_are_typed(tmp_path: Path, section: dict, message: str) -> None:
-    cifar10, mnist = study.load_set("cifar10"), study.load_set("mnist")
+    cifar10, mnist = sets.load_set("cifar10"), sets.load_set("mnist")
     assert cifar10.evaluate.ref_samples == "all" and cifar10.evaluate.metrics == ("accuracy", "cfid", "fid", "is")
     assert mnist.evaluate.mixed_precision == "bf16" and mnist.seeds == [0, 1, 2] and mnist.evaluate.per_class == 100
     assert mnist.sweeps["guidance"].sample == {"guidance_scale": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": "configs/experiments/mnist-cpu-base.yaml", "runs": {"x": []}, **section}))
     with pytest.raises(ConfigError, match=message):
-        study.load_set(str(bad))
+        sets.load_set(str(bad))
 
 
 def test_study_end_to_end(tmp_path: Path, mnist_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -150,7 +180,7 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path, capsys: pytest.Captu
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
     out, runs_dir = tmp_path / "out", tmp_path / "runs"
     argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(out), "--runs-dir", str(runs_dir)]
-    assert study.main(argv) == 0
+    assert study_main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["launcher"] == "python"  # the default launcher, without this machine's interpreter path
     runs = [(row["run"], row.get("seed"), row.get("variant")) for row in result["rows"]]
@@ -169,20 +199,20 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path, capsys: pytest.Captu
         assert_picture(out / f"{name}.png")
 
     # Resuming reads every evaluation back; a missing one, and only it, is evaluated again.
-    evaluations = sorted((runs_dir / "baseline-s1" / study.EVALUATIONS).glob("*.json"))
+    evaluations = sorted((runs_dir / "baseline-s1" / runner.EVALUATIONS).glob("*.json"))
     assert len(evaluations) == 3
-    data_rows = list((runs_dir / study.EVALUATIONS).glob("*.json"))  # pure noise and real images: scored once
+    data_rows = list((runs_dir / runner.EVALUATIONS).glob("*.json"))  # pure noise and real images: scored once
     assert len(data_rows) == 1
     written = {path: path.stat().st_mtime_ns for path in [*evaluations, *data_rows]}
     evaluations[0].unlink()
-    assert study.main([*argv, "--report-only"]) == 0
+    assert study_main([*argv, "--report-only"]) == 0
     assert [path.stat().st_mtime_ns == when for path, when in written.items()] == [False, True, True, True]
     again = json.loads((out / "results.json").read_text())
     assert [row.get("accuracy") for row in again["rows"][:6]] == [row.get("accuracy") for row in result["rows"][:6]]
 
     # A report while a seed is not trained yet tabulates the rest and says what it left out.
     (runs_dir / "baseline-s1" / "study-run.json").unlink()
-    assert study.main([*argv, "--report-only"]) == 0
+    assert study_main([*argv, "--report-only"]) == 0
     assert "baseline-s1: not trained yet, left out of the report" in capsys.readouterr().out
     assert {row.get("seed") for row in json.loads((out / "results.json").read_text())["rows"]} == {0, None}
 
@@ -220,10 +250,10 @@ def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: 
     assert list_checkpoints(run_dir) and not (run_dir / "pipeline").exists(), "the first start was not cut off mid-run"
     cut_at = checkpoint_step(list_checkpoints(run_dir)[-1])
 
-    assert study.main(argv) == 0
+    assert study_main(argv) == 0
     assert f"resumed from {list_checkpoints(run_dir)[0].parent}" in capfd.readouterr().out
     record = json.loads((run_dir / "study-run.json").read_text())
-    assert record["starts"] == 2 and record["train_s"] > 0 and not (run_dir / study.STUDY_PROGRESS).exists()
+    assert record["starts"] == 2 and record["train_s"] > 0 and not (run_dir / runner.STUDY_PROGRESS).exists()
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "finished", "step": 40}
     starts = sorted(p.name for p in (run_dir / "configs").glob("start-*.yaml"))
     assert starts == ["start-001-step_00000000.yaml", f"start-002-step_{cut_at:08d}.yaml"]
@@ -232,17 +262,17 @@ def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: 
 def test_a_run_recorded_before_a_config_key_existed_counts_as_trained(tmp_path: Path) -> None:
     """A key added to the config since a run was recorded reads as its default, so the run is not trained again;
     a recorded config that differs in a value is another run, and is trained (here: the launcher ``false`` fails)."""
-    cfg = study.run_config(study.load_set("mnist"), "baseline", 0, tmp_path)
+    cfg = runner.run_config(sets.load_set("mnist"), "baseline", 0, tmp_path)
     out = Path(cfg.train.output_dir)
     (out / "pipeline").mkdir(parents=True)
     recorded = json.loads(json.dumps(cfg.to_dict()))
     del recorded["model"]["embed_after_norm"]
     (out / "study-run.json").write_text(json.dumps({"config": recorded, "train_s": 12.5, "exit": 0}))
-    assert study.train_run(cfg, launcher="false") == 12.5
+    assert runner.train_run(cfg, launcher="false") == 12.5
     recorded["model"]["base_channels"] = 99
     (out / "study-run.json").write_text(json.dumps({"config": recorded, "train_s": 12.5, "exit": 0}))
     with pytest.raises(RuntimeError, match="failed with exit status 1"):
-        study.train_run(cfg, launcher="false")
+        runner.train_run(cfg, launcher="false")
 
 
 def test_aggregate_means_deviations_and_marked_differences() -> None:
@@ -258,14 +288,14 @@ def test_aggregate_means_deviations_and_marked_differences() -> None:
              enumerate([0.89, 0.93, 0.93])]
     result = {"baseline": "baseline", "sweeps": {"low": {"runs": ["baseline"], "sample": {"guidance_scale": [1.0]},
                                                         "against": {"guidance_scale": 3.0}}}, "rows": rows}
-    baseline, other, swept = study.aggregate(result)
+    baseline, other, swept = statistics.aggregate(result)
     assert baseline["accuracy"] == pytest.approx((0.92, 0.02)) and "delta_accuracy" not in baseline
     difference, error = other["delta_accuracy"]  # Welch: sqrt(0.01^2/3 + 0.02^2/3)
     assert difference == pytest.approx(-0.11) and error == pytest.approx(np.sqrt((0.01**2 + 0.02**2) / 3))
     difference, error = swept["delta_accuracy"]  # paired over seeds: differences -0.01, +0.01, -0.01
     assert difference == pytest.approx(-0.01 / 3) and error == pytest.approx(np.std([-0.01, 0.01, -0.01], ddof=1) / np.sqrt(3))
     assert swept["reference"] == "baseline (s=3)" and other["reference"] == "baseline (s=3)"
-    assert study._delta(other["delta_accuracy"]).startswith("**-0.110") and not study._delta(swept["delta_accuracy"]).startswith("**")
+    assert report._delta(other["delta_accuracy"]).startswith("**-0.110") and not report._delta(swept["delta_accuracy"]).startswith("**")
 
 
 def test_a_sweep_compares_its_runs_with_its_reference_run() -> None:
@@ -278,23 +308,23 @@ def test_a_sweep_compares_its_runs_with_its_reference_run() -> None:
     result = {"baseline": "a", "sweeps": {"steps": {"runs": ["b", "c"], "sample": {"sampler": ["ddpm"]}, "against": {},
                                                     "reference": "b"},
                                           "other": {"runs": ["a"], "sample": {"sampler": ["ddpm"]}, "against": {}}}, "rows": rows}
-    b, c, a = study.aggregate(result)
+    b, c, a = statistics.aggregate(result)
     assert "delta_accuracy" not in b and "reference" not in b
     assert c["reference"] == "b (ddpm)"
     difference, error = c["delta_accuracy"]
     assert difference == pytest.approx(-0.11) and error == pytest.approx(np.sqrt((0.01**2 + 0.02**2) / 3))
-    header = {"set": "s", "budget": {}, "seeds": [0, 1, 2], "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu",
+    header = {"set": "s", "budget": {}, "seeds": [0, 1, 2], "evaluate": dataclasses.asdict(sets.Evaluation()), "hardware": "cpu",
               "work_s": 0.0}
-    assert "## Sweep `steps`: sampler ['ddpm']; Δ against `b` sampled the same way" in study.report({**result, **header})
+    assert "## Sweep `steps`: sampler ['ddpm']; Δ against `b` sampled the same way" in report.markdown_report({**result, **header})
 
 
 def test_the_report_states_its_uncertainty_for_its_own_seed_count() -> None:
     """A one-seed set (cifar10-cpu) has no standard deviations; its report must not describe three seeds' errors."""
     rows = [{"run": run, "seed": 0, "variant": "s=3", "sample": {"guidance_scale": 3.0}, "sweeps": [], "accuracy": a,
              "train_s": 1.0} for run, a in (("a", 0.5), ("b", 0.6))]
-    result = {"set": "s", "budget": {}, "evaluate": dataclasses.asdict(study.Evaluation()), "hardware": "cpu", "work_s": 0.0,
+    result = {"set": "s", "budget": {}, "evaluate": dataclasses.asdict(sets.Evaluation()), "hardware": "cpu", "work_s": 0.0,
               "baseline": "a", "sweeps": {}, "rows": rows}
-    one = study.report({**result, "seeds": [0]})
+    one = report.markdown_report({**result, "seeds": [0]})
     assert "One seed: each cell is a single measurement" in one and "With 3 seeds" not in one and "**" not in one
-    assert "With 3 seeds, two standard errors is a screen, not a test at 95 % (that needs ~4.3 SE)." in study.report(
+    assert "With 3 seeds, two standard errors is a screen, not a test at 95 % (that needs ~4.3 SE)." in report.markdown_report(
         {**result, "seeds": [0, 1, 2]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from diffusers import DDPMScheduler
 from pipeline.config import DataConfig, DiffusionConfig, ModelConfig
 from pipeline.data import load_image_data, to_model_range
 from pipeline.diffusion import diffusion_loss, make_train_scheduler, model_log_variance, snr, variational_bound
+from pipeline.models import unet as unet_module
 from pipeline.models.unet import ConditionalUNet
+from pipeline.names import CONDITIONING_MODES, conditioning_problem
 from tests.factories import CONDITIONINGS, IMAGE_SHAPES, single_threaded, tiny_unet
 
 pytestmark = pytest.mark.usefixtures(single_threaded.__name__)
@@ -103,6 +106,25 @@ def test_odd_base_channels_work() -> None:
 def test_bad_construction_is_a_clear_error(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tiny_unet(**overrides)
+
+
+def test_unet_conditioning_modes_are_the_configs() -> None:
+    """The U-Net's file ships alone in exports, so it keeps its own copy of the names the config offers."""
+    assert unet_module.CONDITIONING_MODES == CONDITIONING_MODES
+
+
+@pytest.mark.parametrize(("conditioning", "embed_after_norm"), itertools.product((*CONDITIONING_MODES, "concat"), (False, True)))
+def test_unet_refuses_exactly_what_the_config_refuses(conditioning: str, embed_after_norm: bool) -> None:
+    """model.conditioning x model.embed_after_norm: the config refuses at start (pipeline.names.conditioning_problem)
+    exactly the pairs the U-Net cannot be built with."""
+    refused_by_config = conditioning_problem(conditioning, embed_after_norm) is not None
+    try:
+        tiny_unet(conditioning=conditioning, embed_after_norm=embed_after_norm)
+    except ValueError:
+        refused_by_unet = True
+    else:
+        refused_by_unet = False
+    assert refused_by_unet == refused_by_config
 
 
 def test_input_size_the_levels_cannot_divide_is_a_clear_error() -> None:

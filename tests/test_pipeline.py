@@ -17,8 +17,9 @@ from diffusers import EulerDiscreteScheduler
 
 from pipeline.config import DiffusionConfig, SampleConfig
 from pipeline.diffusion import SAMPLERS, make_sampler, make_train_scheduler
+from pipeline.guidance import check_guidance_settings, guidance_weights
 from pipeline.models.unet import ConditionalUNet
-from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, guidance_weights, noise_levels
+from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, noise_levels
 from pipeline.sampling import sample_images
 from tests.factories import IMAGE_SHAPES, single_threaded, tiny_unet
 
@@ -421,6 +422,23 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
 def test_bad_input_is_a_clear_value_error(pipe: ConditionalDiffusionPipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ((-1.0,), r"guidance_scale must be >= 0, got -1\.0"),
+        ((math.inf,), r"guidance_scale must be finite, got inf"),
+        ((3.0, (5.0, 1.0)), r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"),
+        ((3.0, None, "linear"), r"guidance_ramp 'linear' unknown"),
+        ((0.2, None, "increasing"), r"guidance_ramp 'increasing' at guidance_scale 0\.2"),
+    ],
+)
+def test_guidance_settings_are_checked_without_a_model(settings: tuple, message: str) -> None:
+    """The rule that the pipeline, the config and the command lines share (``pipeline.guidance``, no torch)."""
+    check_guidance_settings(3.0, (0.3, math.inf), "increasing")
+    with pytest.raises(ValueError, match=message):
+        check_guidance_settings(*settings)
 
 
 def test_guidance_without_a_null_class_is_refused() -> None:

@@ -11,10 +11,14 @@ import torch
 from safetensors import safe_open
 
 from pipeline import ConditionalDiffusionPipeline
-from pipeline.config import SampleConfig
+from pipeline.config import DiffusionConfig, SampleConfig
+from pipeline.diffusion import make_train_scheduler
 from pipeline.evaluation.metrics import Evaluator
+from pipeline.export import save_export
+from pipeline.model_card import shipped_code
 from pipeline.sampling import generate
 from tests.conftest import REPO
+from tests.factories import tiny_unet
 
 PRETRAINED = REPO / "data" / "pretrained" / "cifar10-cpu"
 
@@ -43,3 +47,13 @@ def test_pretrained_pipeline_reaches_its_documented_accuracy(cifar10_path: Path)
     # the binomial standard errors of both measurements, combined; 3 of them is a 0.3 % false-alarm rate
     error = math.sqrt(expected * (1 - expected) / len(samples) + expected * (1 - expected) / model_row["n"])
     assert abs(measured - expected) <= 3 * error, (measured, expected, error)
+
+
+def test_pretrained_pipeline_ships_the_code_an_export_writes_now(tmp_path: Path) -> None:
+    """The committed folder's code is this checkout's: after a change to a shipped module, run
+    ``python -m pipeline.export --update-code data/pretrained/cifar10-cpu`` (weights and card stay as they are)."""
+    save_export(ConditionalDiffusionPipeline(unet=tiny_unet(), scheduler=make_train_scheduler(DiffusionConfig())), tmp_path)
+    committed = {name: (PRETRAINED / name).read_bytes() for name in shipped_code(PRETRAINED)}
+    assert set(committed) == set(shipped_code(tmp_path))
+    for name in shipped_code(tmp_path):
+        assert committed[name] == (tmp_path / name).read_bytes(), f"{name} differs from what pipeline.export writes now"

@@ -200,7 +200,7 @@ def test_a_value_error_at_run_time_is_not_reported_as_bad_input(monkeypatch: pyt
 def test_the_export_is_flushed_to_disk_before_it_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import DDPMScheduler
 
-    from pipeline.training import export_pipeline
+    from pipeline.export import export_pipeline
     from tests.factories import tiny_unet
 
     synced, fsync = [], os.fsync

@@ -29,18 +29,12 @@ from diffusers import (
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import pipeline.pipeline_conditional
-from pipeline.config import DiffusionConfig
-from pipeline.diffusion import (
-    COSINE_LAMBDA_MIN_CLIPPED,
-    REFUSED_SAMPLERS,
-    SAMPLERS,
-    SamplerName,
-    check_sampler,
-    make_sampler,
-    make_train_scheduler,
-)
+from pipeline.config import DiffusionConfig, SamplerName
+from pipeline.diffusion import SAMPLERS, make_sampler, make_train_scheduler
 from pipeline.models.unet import ConditionalUNet
+from pipeline.names import REFUSED_SAMPLERS, SAMPLER_NAMES
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.sampler_checks import COSINE_LAMBDA_MIN_CLIPPED, check_sampler
 from tests.factories import single_threaded, tiny_unet
 
 pytestmark = pytest.mark.usefixtures(single_threaded.__name__)
@@ -151,7 +145,7 @@ def test_refused_sampler_names_the_problem_and_fix(case: tuple) -> None:
 
 
 def test_config_refuses_exactly_what_make_sampler_refuses() -> None:
-    assert set(SAMPLERS) == set(typing.get_args(SamplerName))
+    assert tuple(SAMPLERS) == SAMPLER_NAMES == typing.get_args(SamplerName)
     assert {case[:3] for case in REFUSED} == set(REFUSED_SAMPLERS)
 
 

@@ -25,7 +25,8 @@ from pipeline.config import load_config
 from pipeline.data import cutout_where, load_image_data, to_model_range, translate_where
 from pipeline.diffusion import make_train_scheduler
 from pipeline.models.unet import ConditionalUNet
-from pipeline.training import EpochShuffle, StepDraws, train
+from pipeline.training import train
+from pipeline.training.batches import EpochShuffle, StepDraws
 from tests.conftest import MNIST, REPO, TINY_MODEL
 
 STEPS = 6

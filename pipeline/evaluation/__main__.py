@@ -17,15 +17,14 @@ train --metrics fid`` that is the train-vs-test FID sanity check. Exit status 2 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 
-import torch
-
-from pipeline.config import ConfigError, DataConfig, GuidanceRamp, SampleConfig, decode
+from pipeline.config import DataConfig
+from pipeline.errors import ConfigError
+from pipeline.names import METRICS, SAMPLING_PRECISIONS
+from pipeline.sample_flags import add_sample_flags, flagged_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,15 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="a run's config.yaml (default: the one beside --pipeline, if any)")
     ev.add_argument("--dataset", help="data set the model was trained on (default: the config's data.dataset)")
     ev.add_argument("--per-class", type=int, default=100, help="samples per class (default 100)")
-    ev.add_argument("--sampler", help="ddpm, ddim, dpmsolver++, unipc, euler, euler_a (default: the config's)")
-    ev.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
-    ev.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
-    ev.add_argument("--guidance-interval", metavar="LO,HI",
-                    help="guide only steps whose noise level sigma_t is in (LO, HI], e.g. 0.3,5.0 or 0.3,inf; "
-                         "none = every step (default: the config's sample.guidance_interval)")
-    ev.add_argument("--guidance-ramp", choices=typing.get_args(GuidanceRamp),
-                    help="guidance weight over the steps, averaging the scale (default: the config's sample.guidance_ramp)")
-    ev.add_argument("--metrics", default="accuracy,cfid", help="comma list of accuracy, cfid, fid, is (default accuracy,cfid)")
+    add_sample_flags(ev)
+    metrics = "; ".join(f"{name}: {metric.help}" for name, metric in METRICS.items())
+    ev.add_argument("--metrics", default="accuracy,cfid", help=f"comma list of {', '.join(METRICS)} (default accuracy,cfid). {metrics}")
     ev.add_argument("--classifier", help="committed name or directory (default: named like the data set)")
     ev.add_argument("--ref-split", default="train", help="split the distances are measured against (default train)")
     ev.add_argument("--ref-samples", default="10000", help="first N rows of the reference split, or 'all' (default 10000)")
@@ -70,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-baselines", action="store_true", help="skip the pure-noise and real-data rows")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, help="images per sampling chunk and process (default: the device's fastest)")
-    ev.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto",
+    ev.add_argument("--mixed-precision", choices=SAMPLING_PRECISIONS, default="auto",
                     help="bf16 autocast while sampling (default auto: where the hardware runs bf16 natively)")
     ev.add_argument("--out", help="write the result JSON here (and a .md table beside it)")
     return parser
@@ -91,25 +84,23 @@ def _classifier(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import torch
     from accelerate import PartialState
 
     from pipeline.evaluation.metrics import Evaluator, evaluate, hardware, markdown_table, parse_metrics
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
     from pipeline.sampling import saved_run_config
 
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--per-class", args.per_class)):
+    for flag, value in (("--steps", args.num_inference_steps), ("--batch-size", args.batch_size), ("--per-class", args.per_class)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
-    given = {"sampler": args.sampler, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-             "guidance_interval": args.guidance_interval, "guidance_ramp": args.guidance_ramp}
-    # decoded as the config's values are: "0.3,5.0", "[0.3, 5.0]" or "none" for the interval; ConfigError if malformed
-    sample = decode(SampleConfig, dataclasses.asdict(cfg.sample) | {key: value for key, value in given.items() if value is not None})
+    sample = flagged_settings(cfg.sample, args)  # a malformed or invalid flag fails here, before anything is loaded
     ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device) if args.pipeline else None
-    if pipe is not None:  # a bad guidance fails now, not after the reference statistics
+    if pipe is not None:  # a model without a null class fails now, not after the reference statistics
         pipe.check_guidance(sample.guidance_scale, sample.guidance_interval, sample.guidance_ramp)
     evaluator = Evaluator(
         dataset, parse_metrics(args.metrics), args.classifier, DataConfig(dataset=dataset, split=args.ref_split, max_samples=ref_samples),

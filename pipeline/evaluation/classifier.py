@@ -31,8 +31,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from pipeline.config import PROJECT_ROOT, DataConfig
+from pipeline.config import DataConfig
 from pipeline.data import ImageData, flip_where, load_image_data, translate_where
+from pipeline.names import PROJECT_ROOT
 
 COMMITTED = PROJECT_ROOT / "data" / "classifiers"
 Arch = Literal["small_cnn", "airbench"]

@@ -5,17 +5,21 @@
 0.97
 
 ``Evaluator`` holds what one data set needs (its classifier, the Inception network, cached reference
-statistics) and scores any ``Samples``; ``evaluate`` adds the seed's Table 2 baselines (pure noise, the real
-test set) next to the model, and ``markdown_table`` renders the result.
+statistics) and scores any ``Samples`` with the compute function of each metric the registry
+``pipeline.names.METRICS`` lists (``score_accuracy``, ``score_cfid``, ``score_fid``, ``score_is`` here); ``evaluate``
+adds the seed's Table 2 baselines (pure noise, the real test set) next to the model, and ``markdown_table`` renders
+the result with the registry's columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +32,14 @@ from pipeline.data import ImageData, load_image_data
 from pipeline.evaluation.classifier import ImageClassifier, load_classifier
 from pipeline.evaluation.fid import ClassifierFeatures, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
 from pipeline.evaluation.inception_score import ImageNetInceptionLogits, InceptionScoreUnavailable, inception_score
+from pipeline.names import COLUMNS, METRICS
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.sampling import Precision, Samples, class_labels, generate
 
-METRICS = ("accuracy", "cfid", "fid", "is")
-METRIC_HELP = {
-    "accuracy": "share of samples the project classifier assigns to their conditioning class (also class_is)",
-    "cfid": "Fréchet distance on the project classifier's penultimate features (vs the reference split)",
-    "fid": "FID on TF-Inception pool_3 features (vs the reference split)",
-    "is": "ImageNet Inception Score (needs torch-fidelity and its downloaded weights)",
-}
-COLUMNS = ("accuracy", "class_is", "cfid", "fid", "is")
+# A metric's compute function: (evaluator, samples, features) -> {column: value}; ``features`` is a cache shared by the
+# metrics of one ``Evaluator.score`` call, extractor name -> (N, D) features, so that accuracy and cfid share one
+# classifier pass.
+ScoreFunction = Callable[["Evaluator", Samples, dict[str, torch.Tensor]], dict[str, Any]]
 
 
 def classifier_name(dataset: str) -> str:
@@ -47,7 +48,7 @@ def classifier_name(dataset: str) -> str:
 
 
 def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"accuracy,fid"`` -> ("accuracy", "fid"), checked against ``METRICS``."""
+    """``"accuracy,fid"`` -> ("accuracy", "fid"), checked against the registry ``pipeline.names.METRICS``."""
     names = tuple(m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip())
     if unknown := [m for m in names if m not in METRICS]:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
@@ -56,13 +57,24 @@ def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+@functools.cache
+def score_function(metric: str) -> ScoreFunction:
+    """The compute function of ``metric``, imported from its registry entry's ``"module:function"``."""
+    module, name = METRICS[metric].compute.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass
 class Evaluator:
     """Everything needed to score samples of one data set.
 
+    A new metric plugs in with an entry in ``pipeline.names.METRICS`` and its compute function (a ``ScoreFunction``,
+    like ``score_fid`` below); if it needs a network of its own, ``__post_init__`` builds it when the metric is
+    asked for (``extractors`` holds the feature networks that ``extracted`` runs once per scored set).
+
     Args:
         dataset: the data set the model was trained on (path or hub id).
-        metrics: a subset of ``METRICS``.
+        metrics: a subset of the registry ``pipeline.names.METRICS``.
         classifier: a loaded classifier, a committed name or directory (default: the one named like the data set).
         reference: split and row count the distances are measured against (default: the first 10,000 train images).
         device: where the classifier and Inception run.
@@ -105,27 +117,21 @@ class Evaluator:
             self._stats[metric] = reference_stats(self.reference, self.extractors[metric], self._reference_images, self.cache)
         return self._stats[metric]
 
+    def extracted(self, extractor: str, samples: Samples, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, D) features of ``samples`` by ``extractors[extractor]`` (``"cfid"``: the classifier's penultimate layer,
+        ``"fid"``: Inception pool_3), computed once per ``cache``."""
+        if extractor not in cache:
+            cache[extractor] = self.extractors[extractor](samples.images)
+        return cache[extractor]
+
     def score(self, samples: Samples) -> dict[str, Any]:
         """Metrics of one sample set: ``{"n", "accuracy", "class_is", "per_class_accuracy", "cfid", "fid", "is"}``
-        (only those asked for; ``None`` where unavailable)."""
+        (only those asked for, in the registry's order; ``None`` where unavailable)."""
         row: dict[str, Any] = {"n": len(samples)}
-        if "cfid" in self.extractors:
-            features = self.extractors["cfid"](samples.images)
-            if "accuracy" in self.metrics:
-                with torch.inference_mode():
-                    logits = self.classifier.logits(features.to(self.classifier.device)).float().cpu()
-                correct = (logits.argmax(1) == samples.labels).float()
-                row["accuracy"] = correct.mean().item()
-                row["class_is"] = inception_score(logits, splits=1)[0]
-                num_classes = self.classifier.config.num_classes
-                row["per_class_accuracy"] = [correct[samples.labels == c].mean().item() for c in range(num_classes)]
-            if "cfid" in self.metrics:
-                row["cfid"] = frechet_distance(FeatureStats.of(features.numpy()), self.reference_stats("cfid"))
-        if "fid" in self.metrics:
-            features = self.extractors["fid"](samples.images)
-            row["fid"] = frechet_distance(FeatureStats.of(features.numpy()), self.reference_stats("fid"))
-        if "is" in self.metrics:
-            row["is"] = inception_score(self.inception_logits(samples.images))[0] if self.inception_logits else None
+        features: dict[str, torch.Tensor] = {}
+        for metric in METRICS:
+            if metric in self.metrics:
+                row.update(score_function(metric)(self, samples, features))
         return row
 
     def real(self, per_class: int, split: str = "test") -> Samples:
@@ -142,6 +148,41 @@ class Evaluator:
         shape = (len(labels), data.channels, data.size, data.size)
         images = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
         return Samples(images, labels)
+
+
+def score_accuracy(evaluator: Evaluator, samples: Samples, features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The share of samples the project classifier assigns to their conditioning class, the Inception Score of its
+    logits (``class_is``) and the accuracy of each class (``per_class_accuracy``, a list)."""
+    classifier = evaluator.classifier
+    with torch.inference_mode():
+        logits = classifier.logits(evaluator.extracted("cfid", samples, features).to(classifier.device)).float().cpu()
+    correct = (logits.argmax(1) == samples.labels).float()
+    return {
+        "accuracy": correct.mean().item(),
+        "class_is": inception_score(logits, splits=1)[0],
+        "per_class_accuracy": [correct[samples.labels == c].mean().item() for c in range(classifier.config.num_classes)],
+    }
+
+
+def score_cfid(evaluator: Evaluator, samples: Samples, features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The Fréchet distance of the classifier's penultimate features to the reference split's."""
+    return {"cfid": _frechet_to_reference(evaluator, "cfid", samples, features)}
+
+
+def score_fid(evaluator: Evaluator, samples: Samples, features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """FID: the Fréchet distance of TF-Inception pool_3 features to the reference split's."""
+    return {"fid": _frechet_to_reference(evaluator, "fid", samples, features)}
+
+
+def score_is(evaluator: Evaluator, samples: Samples, features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ImageNet Inception Score, None where its network is unavailable (``Evaluator.unavailable`` says why)."""
+    logits = evaluator.inception_logits
+    return {"is": inception_score(logits(samples.images))[0] if logits else None}
+
+
+def _frechet_to_reference(evaluator: Evaluator, extractor: str, samples: Samples, features: dict[str, torch.Tensor]) -> float:
+    stats = FeatureStats.of(evaluator.extracted(extractor, samples, features).numpy())
+    return frechet_distance(stats, evaluator.reference_stats(extractor))
 
 
 def evaluate(
@@ -206,8 +247,9 @@ def evaluate_for_training(
     return {f"eval/{key}": float(value) for key, value in row.items() if key in COLUMNS and value is not None}
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS, first: str = "name") -> str:
-    """Rows of ``evaluate`` (or the study) as a Markdown table of the columns present in any row."""
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] = tuple(COLUMNS), first: str = "name") -> str:
+    """Rows of ``evaluate`` (or the study) as a Markdown table of the columns present in any row (by default every
+    column of the registry ``pipeline.names.COLUMNS``, in its order)."""
     present = [c for c in columns if any(c in row for row in rows)]
     shown = [first, "n", *present] if any("n" in row for row in rows) else [first, *present]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]

@@ -18,6 +18,7 @@ model is blind to the timestep (docs/study.md measures what that costs). ``scale
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import torch
@@ -28,6 +29,9 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 Conditioning = Literal["multiply", "add", "scale_shift"]
+# The same names as pipeline.names.CONDITIONING_MODES, kept here because this file ships alone in exports
+# (tests/test_model.py pins the two, and this model's refusals to pipeline.names.conditioning_problem).
+CONDITIONING_MODES: tuple[str, ...] = typing.get_args(Conditioning)
 
 
 def _groups(channels: int) -> int:
@@ -184,7 +188,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"attention_resolutions {unknown} are not feature-map sizes of this U-Net; choose from {sizes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}")
-        if conditioning not in ("multiply", "add", "scale_shift"):
+        if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning {conditioning!r} unknown; use multiply, add or scale_shift")
         if embed_after_norm and conditioning == "scale_shift":
             raise ValueError("embed_after_norm applies to multiply and add conditioning; scale_shift is always after the norm")

@@ -3,6 +3,7 @@
 >>> pipe = ConditionalDiffusionPipeline.from_pretrained("runs/quickstart/pipeline")
 >>> pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
 >>> images = pipe(class_labels=[3, "7"], guidance_scale=2.0, num_inference_steps=20).images
+>>> images = pipe(class_labels=[3], guidance_scale=3.0, guidance_interval=(0.3, 5.0), guidance_ramp="increasing").images
 
 Self-contained (torch and diffusers, and its relative imports): exports ship this file with the modules it
 imports, so that plain diffusers opens them (``pipeline.export``).
@@ -10,8 +11,8 @@ imports, so that plain diffusers opens them (``pipeline.export``).
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,14 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, Mod
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models.unet import ConditionalUNet
+from .guidance import check_guidance_settings, guidance_weights
 from .sampler_checks import check_sampler
+
+# This package's U-Net (module, class), which ``load_config`` puts in place of an export's shipped copy. Named, not
+# imported: an export ships this file with every module it imports relatively, and diffusers' loader copies each
+# relative import line it reads in the text (even one under TYPE_CHECKING), so an import would ship the U-Net's
+# code a second time beside ``unet/unet.py``. tests/test_export.py pins the name to ``pipeline.ConditionalUNet``.
+PROJECT_UNET = ("pipeline.models.unet", "ConditionalUNet")
 
 Labels = int | str | Sequence[Any] | torch.Tensor
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
@@ -46,6 +53,7 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
     ``guidance_scale`` s follows diffusers: ``eps = eps_null + s * (eps_cond - eps_null)``; s = 1 is the
     plain conditional model, s > 1 strengthens the class. The seed paper and TeaPearce's
     Conditional_Diffusion_MNIST write ``eps = (1 + w) * eps_cond - w * eps_null``, so ``s = 1 + w``.
+    ``guidance_interval`` and ``guidance_ramp`` vary the weight over the steps (``guidance.guidance_weights``).
 
     Args:
         unet: a ``ConditionalUNet`` (typed ``ModelMixin``: plain diffusers loads the copy an export ships in
@@ -71,16 +79,19 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         ``["pipeline_conditional", "ConditionalDiffusionPipeline"]``, ``unet`` ``["unet", "ConditionalUNet"]``) for
         plain diffusers, which loads it with ``trust_remote_code=True``; this class and its own U-Net module
         are used instead, so ``from_pretrained`` on this class needs no ``trust_remote_code``."""
+        importlib.import_module(PROJECT_UNET[0])  # diffusers loads a component's class only from an imported module
         loaded = super().load_config(*args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = cls.__name__
-            config["unet"] = [ConditionalUNet.__module__, ConditionalUNet.__name__]
+            config["unet"] = list(PROJECT_UNET)
         return loaded
 
     @property
     def guidance_scale(self) -> float:
-        """The classifier-free guidance scale of the running (or last) call; a step callback may change it."""
+        """The classifier-free guidance scale s requested of the running (or last) call, as in diffusers. With a
+        ``guidance_interval`` or ``guidance_ramp`` a step's weight differs from s (``guidance.guidance_weights``); a step
+        callback may change s, and the remaining steps then take their weights from the new s."""
         return self._guidance_scale
 
     @property
@@ -122,15 +133,13 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
         return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
 
-    def check_guidance(self, guidance_scale: float) -> None:
-        """Raise ValueError unless this model can be sampled at ``guidance_scale``: finite, >= 0, and 1 (no guidance)
-        unless the model has a null class. The one guidance rule: ``__call__`` checks it once, before the first step."""
+    def check_guidance(self, guidance_scale: float, interval: tuple[float, float] | None = None, ramp: str = "constant") -> None:
+        """Raise ValueError unless this model can be sampled at ``guidance_scale``: 1 (no guidance) unless the model
+        has a null class, and the settings valid by ``guidance.check_guidance_settings`` (the one guidance rule).
+        ``__call__`` checks it once, before the first step."""
         if guidance_scale != 1.0:
             self._null_class(guidance_scale)
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        check_guidance_settings(guidance_scale, interval, ramp)
 
     def _null_class(self, guidance_scale: float) -> int:
         """The label that guidance at ``guidance_scale`` contrasts with; ValueError for a model trained without one."""
@@ -187,6 +196,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_ramp: str = "constant",
     ) -> ConditionalPipelineOutput | tuple:
         """Sample one image per (label, repeat).
 
@@ -205,9 +216,17 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                 ``callback_kwargs`` the tensors named in ``callback_on_step_end_tensor_inputs``; the dict it returns
                 replaces them (``"latents"``: the (N, C, H, W) sample x_t).
             callback_on_step_end_tensor_inputs: a subset of ``_callback_tensor_inputs``.
+            guidance_interval: (lo, hi): guide only the steps whose noise level sigma_t = sqrt((1 - alpha_bar_t) /
+                alpha_bar_t) lies in (lo, hi], 0 <= lo < hi (hi may be ``math.inf``), as in Kynkaanniemi et al. 2024
+                (the EDM sigma); the other steps run the conditional model alone (weight 1, one forward of N images).
+                None: every step.
+            guidance_ramp: ``"constant"`` (weight s at every step), ``"increasing"`` (1 + (s - 1) 2p at progress
+                p = i / (n - 1) of step i of n: little guidance at high noise, most at the end) or ``"decreasing"``
+                (1 + (s - 1) 2(1 - p)); both ramps average s over the steps (Wang et al. 2024). With an interval,
+                the ramp's weight applies inside it and 1 outside. ``guidance.guidance_weights`` gives every step's weight.
         """
         labels = self.label_tensor(class_labels, num_images_per_label)
-        self.check_guidance(guidance_scale)
+        self.check_guidance(guidance_scale, guidance_interval, guidance_ramp)
         if num_inference_steps is None:
             num_inference_steps = 1000 if isinstance(self.scheduler, DDPMScheduler) else 50
         if num_inference_steps < 1:
@@ -235,12 +254,17 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         # only DDPMScheduler(variance_type="learned_range") reads the variance channels; the others get the mean's
         keeps_variance = isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type == "learned_range"
         step_kwargs = self._step_kwargs(generator)
+        sigmas = noise_levels(self.scheduler)
+        planned, weights = None, []
         intermediates = []
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:
                 continue
+            if self.guidance_scale != planned:  # the first step, or a step callback changed s: the rest follow it
+                planned = self.guidance_scale
+                weights = guidance_weights(planned, sigmas, guidance_interval, guidance_ramp)
             model_input = self.scheduler.scale_model_input(sample, t)
-            output = self.predict_noise(model_input, t, labels, self.guidance_scale)
+            output = self.predict_noise(model_input, t, labels, weights[i])
             if not keeps_variance:
                 output = output[:, : config.in_channels]
             step = self.scheduler.step(output, t, sample, **step_kwargs)
@@ -287,6 +311,16 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             return images.cpu()
         array = images.cpu().permute(0, 2, 3, 1).numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+
+def noise_levels(scheduler: SchedulerMixin) -> list[float]:
+    """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each of ``scheduler.timesteps`` (after
+    ``set_timesteps``), from the training schedule's ``alphas_cumprod``, the same sigma for every sampler: the
+    Euler samplers' timesteps are floats (fractional with Karras sigmas), so each is rounded to its training step."""
+    alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
+    steps = scheduler.timesteps.double().cpu().round().long().clamp(0, len(alphas_cumprod) - 1)
+    alpha_bar = alphas_cumprod[steps]
+    return ((1 - alpha_bar) / alpha_bar).sqrt().tolist()
 
 
 def _flatten(class_labels: Labels) -> list:

@@ -8,11 +8,17 @@ classifier-free guidance -> (B, C, H, W) (or (B, 2C, H, W) with a learned varian
 Residual blocks mix a time embedding t and a class embedding c into the features h in one of three ways:
 ``multiply`` (the seed, ``h = c*h + t``), ``add`` (``h + c + t``) or ``scale_shift`` (AdaGN,
 ``norm(h) * (1 + s) + b`` with (s, b) from ``t + c``, as in Improved/Guided Diffusion).
+
+Where: ``multiply`` and ``add`` mix before the block's second GroupNorm (DDPM's place for t) unless
+``embed_after_norm``. Before it, the norm removes each group's mean and scale; with one channel per group (widths
+up to 32 channels) that erases the per-channel shift t and c entirely and the scale c up to its sign, so the
+model is blind to the timestep (docs/study.md measures what that costs). ``scale_shift`` is always after the norm.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import torch
@@ -23,6 +29,9 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 Conditioning = Literal["multiply", "add", "scale_shift"]
+# The same names as pipeline.names.CONDITIONING_MODES, kept here because this file ships alone in exports
+# (tests/test_model.py pins the two, and this model's refusals to pipeline.names.conditioning_problem).
+CONDITIONING_MODES: tuple[str, ...] = typing.get_args(Conditioning)
 
 
 def _groups(channels: int) -> int:
@@ -72,9 +81,10 @@ def _positional_dropout(module: PositionalDropout, x: torch.Tensor) -> torch.Ten
 class ResidualBlock(nn.Module):
     """norm-act-conv, mix in (t, c), norm-act-dropout-conv, plus a (1x1 where needed) skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, conditioning: Conditioning, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, conditioning: Conditioning, dropout: float,
+                 embed_after_norm: bool = False):
         super().__init__()
-        self.conditioning = conditioning
+        self.conditioning, self.embed_after_norm = conditioning, embed_after_norm
         self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         if conditioning == "scale_shift":
@@ -97,8 +107,11 @@ class ResidualBlock(nn.Module):
         else:
             t = self.time_proj(t_emb)[:, :, None, None]
             c = self.class_proj(c_emb)[:, :, None, None]
+            if self.embed_after_norm:
+                h = self.norm2(h)
             h = c * h + t if self.conditioning == "multiply" else h + c + t
-            h = self.norm2(h)
+            if not self.embed_after_norm:
+                h = self.norm2(h)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -137,7 +150,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         use_null_class: whether the model was trained with label dropout, so classifier-free guidance works.
         base_channels, channel_mult, layers_per_block: widths and depth per resolution level.
         attention_resolutions: feature-map sizes with a self-attention block after each residual block.
-        attention_heads, dropout, conditioning, upsample, learned_variance: see ``pipeline.config.ModelConfig``.
+        attention_heads, dropout, conditioning, embed_after_norm, upsample, learned_variance: see
+            ``pipeline.config.ModelConfig``.
     """
 
     _supports_gradient_checkpointing = False
@@ -157,6 +171,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         dropout: float = 0.1,
         conditioning: Conditioning = "multiply",
+        embed_after_norm: bool = False,
         upsample: Literal["transposed", "nearest"] = "transposed",
         learned_variance: bool = False,
     ):
@@ -173,8 +188,10 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"attention_resolutions {unknown} are not feature-map sizes of this U-Net; choose from {sizes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}")
-        if conditioning not in ("multiply", "add", "scale_shift"):
+        if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning {conditioning!r} unknown; use multiply, add or scale_shift")
+        if embed_after_norm and conditioning == "scale_shift":
+            raise ValueError("embed_after_norm applies to multiply and add conditioning; scale_shift is always after the norm")
         if upsample not in ("transposed", "nearest"):
             raise ValueError(f"upsample {upsample!r} unknown; use transposed or nearest")
 
@@ -187,7 +204,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(cin: int, cout: int) -> ResidualBlock:
-            return ResidualBlock(cin, cout, emb_dim, conditioning, dropout)
+            return ResidualBlock(cin, cout, emb_dim, conditioning, dropout, embed_after_norm)
 
         self.down = nn.ModuleList()
         skip_channels = [base_channels]

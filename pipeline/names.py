@@ -1,0 +1,80 @@
+"""The lists of names that the config, the command lines, the study and the heavy modules share, torch-free.
+
+Each list is written here once; the config's choices, ``--help`` texts, "did you mean" messages, study tables and
+checks read it from here, and the modules that implement the names (``pipeline.diffusion``, the U-Net,
+``pipeline.evaluation.metrics``) are pinned to it by tests. Importing this module loads only the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# The MNIST copy committed in the repository: the default data set, so the main job needs no hub access.
+EMBEDDED_MNIST = "data/mnist"
+
+# Inference schedulers, by the name a config, `evaluate --sampler` and the demo take (pipeline.diffusion.SAMPLERS
+# maps each to its diffusers class).
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a")
+
+# (sampler, schedule, prediction type) that pipeline.sampler_checks.check_sampler refuses (docs/samplers.md), so that
+# a run is refused at start rather than at its first sample grid; tests/test_schedulers.py builds every combination
+# with make_sampler and checks that exactly these raise.
+REFUSED_SAMPLERS = {
+    ("euler", "cosine", "epsilon"): "its first step multiplies the epsilon error by sigma_max ~2e4",
+    ("euler_a", "cosine", "epsilon"): "it returns NaN at some step counts (diffusers #14213)",
+    ("euler_a", "cosine", "v_prediction"): "it returns NaN at some step counts (diffusers #14213)",
+}
+
+# Sampling precision: bf16 autocast where the hardware runs it natively ("auto"), never ("no") or always ("bf16").
+SAMPLING_PRECISIONS = ("auto", "no", "bf16")
+
+# How the class embedding c meets the features h and the time embedding t in a residual block. The U-Net's file is
+# shipped alone in every export (diffusers loads a component from one file), so it keeps its own copy of this tuple
+# and of `conditioning_problem`; tests/test_model.py pins both to these.
+CONDITIONING_MODES = ("multiply", "add", "scale_shift")
+AFTER_NORM_MODES = ("multiply", "add")  # the modes that model.embed_after_norm may move after the GroupNorm
+
+
+def conditioning_problem(conditioning: str, embed_after_norm: bool) -> str | None:
+    """Why the U-Net cannot be built with this conditioning, or None."""
+    if conditioning not in CONDITIONING_MODES:
+        return f"conditioning {conditioning!r} unknown; use {', '.join(CONDITIONING_MODES)}"
+    if embed_after_norm and conditioning not in AFTER_NORM_MODES:
+        return (f"embed_after_norm applies to {' and '.join(AFTER_NORM_MODES)} conditioning; {conditioning} is always "
+                "after the norm (set it false)")
+    return None
+
+
+Direction = Literal["higher", "lower"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of ``pipeline.evaluation``: its name (``--metrics``, ``train.eval_metrics``), help text, the result
+    columns it fills with whether higher or lower is better (evaluation tables, the study's comparisons), whether
+    training may log it (``eval/<column>``), and ``compute``: the ``module:function`` that scores it, imported when
+    a sample set is scored (``pipeline.evaluation.metrics``)."""
+
+    name: str
+    help: str
+    columns: dict[str, Direction]
+    compute: str
+    in_training: bool = True
+
+
+METRICS = {metric.name: metric for metric in (
+    Metric("accuracy", "share of samples the project classifier assigns to their conditioning class (also class_is)",
+           {"accuracy": "higher", "class_is": "higher"}, "pipeline.evaluation.metrics:score_accuracy"),
+    Metric("cfid", "Fréchet distance on the project classifier's penultimate features (vs the reference split)",
+           {"cfid": "lower"}, "pipeline.evaluation.metrics:score_cfid"),
+    Metric("fid", "FID on TF-Inception pool_3 features (vs the reference split)",
+           {"fid": "lower"}, "pipeline.evaluation.metrics:score_fid"),
+    Metric("is", "ImageNet Inception Score (needs torch-fidelity and its downloaded weights)",
+           {"is": "higher"}, "pipeline.evaluation.metrics:score_is", in_training=False),
+)}
+COLUMNS: dict[str, Direction] = {column: way for metric in METRICS.values() for column, way in metric.columns.items()}
+TRAINING_METRICS = tuple(name for name, metric in METRICS.items() if metric.in_training)

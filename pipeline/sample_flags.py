@@ -1,0 +1,65 @@
+"""The sampling settings a command line or the demo page gives on top of a run's: one decoder, one set of flags.
+
+>>> settings = sample_settings(run.sample, guidance_scale="3", guidance_interval="0.3,5.0")   # the rest stays the run's
+
+``python -m pipeline.evaluation evaluate`` and ``python -m pipeline.figures`` take ``--sampler``, ``--steps``,
+``--guidance``, ``--guidance-interval`` and ``--guidance-ramp`` (``add_sample_flags``, ``flagged_settings``), the
+demo its page's fields (``sample_settings``); every value is decoded as the config's own are (``0.3,5.0``, ``[0.3,
+5.0]`` or ``none`` for the interval) and checked by the one guidance rule before any model is loaded. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from pipeline.config import SampleConfig, decode
+from pipeline.errors import ConfigError
+from pipeline.guidance import GUIDANCE_RAMPS, check_guidance_settings
+from pipeline.names import SAMPLER_NAMES
+
+# command-line flag -> the SampleConfig field it sets (and the argparse dest it is stored under)
+SAMPLE_FLAGS = {
+    "--sampler": "sampler",
+    "--steps": "num_inference_steps",
+    "--guidance": "guidance_scale",
+    "--guidance-interval": "guidance_interval",
+    "--guidance-ramp": "guidance_ramp",
+}
+
+
+def sample_settings(base: SampleConfig, **given: Any) -> SampleConfig:
+    """``base`` (a run's ``sample`` section) with the ``given`` fields that are not None, decoded through
+    ``pipeline.config.decode`` like a config's values, then checked: ConfigError naming the field if a value is
+    malformed, the steps fewer than 1, or the guidance settings break ``guidance.check_guidance_settings``. Whether
+    a model can be guided at all is the pipeline's check (``ConditionalDiffusionPipeline.check_guidance``)."""
+    settings = decode(SampleConfig, dataclasses.asdict(base) | {key: value for key, value in given.items() if value is not None})
+    if settings.num_inference_steps < 1:
+        raise ConfigError(f"num_inference_steps must be >= 1, got {settings.num_inference_steps}")
+    try:
+        check_guidance_settings(settings.guidance_scale, settings.guidance_interval, settings.guidance_ramp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return settings
+
+
+def add_sample_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the ``SAMPLE_FLAGS`` to ``parser``, each stored under its field's name and defaulting to the run's
+    ``sample`` section (``flagged_settings``)."""
+    options: dict[str, dict[str, Any]] = {
+        "--sampler": {"metavar": "SAMPLER", "help": ", ".join(SAMPLER_NAMES)},
+        "--steps": {"metavar": "STEPS", "type": int, "help": "denoising steps"},
+        "--guidance": {"metavar": "SCALE", "type": float, "help": "classifier-free guidance scale, 1 = none"},
+        "--guidance-interval": {"metavar": "LO,HI", "help": "guide only steps whose noise level sigma_t is in (LO, HI], "
+                                                            "e.g. 0.3,5.0 or 0.3,inf; none = every step"},
+        "--guidance-ramp": {"choices": GUIDANCE_RAMPS, "help": "guidance weight over the steps, averaging the scale"},
+    }
+    for flag, field in SAMPLE_FLAGS.items():
+        option = options[flag]
+        parser.add_argument(flag, dest=field, **option | {"help": f"{option['help']} (default: the run's sample.{field})"})
+
+
+def flagged_settings(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
+    """``base`` with the sampling flags given on the command line (``add_sample_flags``), by ``sample_settings``."""
+    return sample_settings(base, **{field: getattr(args, field) for field in SAMPLE_FLAGS.values()})
