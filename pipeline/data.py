@@ -6,7 +6,7 @@ image and label columns are detected (the ``Image`` feature; a ``ClassLabel`` or
 and the class names come from the ``ClassLabel`` feature.
 
 The training augmentations (``flip_where``, ``translate_where``, ``cutout_where``) are pure tensor functions of
-the images and of offsets drawn elsewhere (``training.StepDraws``), so the same draws give the same images on
+the images and of offsets drawn elsewhere (``pipeline.training.batches.StepDraws``), so the same draws give the same images on
 any device, process count or resume.
 """
 

@@ -12,6 +12,16 @@ SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"
 MNIST = SHARED_DATA / "mnist"
 CIFAR10 = SHARED_DATA / "cifar10"
 
+# Tests of these kinds are slow by nature: `pytest -m "not slow"` (the development tier) leaves them out.
+SLOW_KINDS = ("multiprocess", "slurm", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
 # A U-Net small enough for CPU tests: ~0.1 M parameters, two levels.
 TINY_MODEL = ["--model.base_channels", "16", "--model.channel_mult", "1,2", "--model.layers_per_block", "1",
               "--model.attention_resolutions", "14", "--model.attention_heads", "2"]

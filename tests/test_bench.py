@@ -51,6 +51,7 @@ def test_every_lever_trains(levers: Levers) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # the optimizer stepped
 
 
+@pytest.mark.slow
 def test_training_throughput_table(tmp_path: Path) -> None:
     rows = run_bench(tmp_path, "train_throughput.py", "--shapes", "mnist", "--precisions", "bf16", "--models", "ours,diffusers UNet2DModel",
                      "--batch", "8", "--seconds", "0.2", "--repeats", "1")
@@ -58,11 +59,13 @@ def test_training_throughput_table(tmp_path: Path) -> None:
     assert rows[1][6] == "1.00x" and float(rows[0][5]) > 0 and float(rows[0][4]) > 0  # ratio, images/s, GFLOP/image
 
 
+@pytest.mark.slow
 def test_input_pipeline_table(tmp_path: Path) -> None:
     (row,) = run_bench(tmp_path, "input_pipeline.py", "--datasets", "data/mnist", "--batches", "3", "--model-seconds", "0")
     assert row[0] == "mnist (60000 images)" and all(cell.endswith(("img/s", "x")) for cell in row[2:])
 
 
+@pytest.mark.slow
 def test_sampling_table(tiny_run: Path, tmp_path: Path) -> None:
     rows = run_bench(tmp_path, "sampling.py", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "2",
                      "--schedules", "ddpm:4,dpmsolver++:2", "--guidance", "1,2", "--batch-size", "10")
@@ -79,6 +82,7 @@ def test_sampling_chunk_sweep_against_the_forward_floor(tiny_run: Path, tmp_path
     assert all(float(row[5]) > 0 and float(row[6]) > 0 and row[7].endswith("x") for row in rows)
 
 
+@pytest.mark.slow
 def test_diffusers_recipe_trains_and_is_scored_like_ours(tmp_path: Path, mnist_path: Path) -> None:
     rows = run_bench(tmp_path, "diffusers_recipe.py", "--config", "configs/quickstart-cpu.yaml", "--minutes", "0.15",
                      "--output-dir", str(tmp_path / "peer"), "--per-class", "1", "--data.dataset", str(mnist_path),

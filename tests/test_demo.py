@@ -54,6 +54,7 @@ def test_bad_command_line_is_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"error: no exported pipeline at {tmp_path}; pass --pipeline DIR (a training run's pipeline/ folder)"
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_generate_in_a_real_browser(demo_url: str, tmp_path: Path) -> None:
     """Headless Chromium: tick class 7, press Generate, an image appears; a screenshot goes to tmp_path."""

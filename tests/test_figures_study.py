@@ -217,6 +217,7 @@ def test_study_end_to_end(tmp_path: Path, mnist_path: Path, capsys: pytest.Captu
     assert {row.get("seed") for row in json.loads((out / "results.json").read_text())["rows"]} == {0, None}
 
 
+@pytest.mark.slow
 def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: Path, capfd: pytest.CaptureFixture) -> None:
     """A study killed mid-run (a session's end) continues that run from its latest checkpoint when started again,
     instead of refusing the directory or training from step 0, and counts both starts' training time."""

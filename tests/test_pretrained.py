@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -34,6 +35,7 @@ def test_pretrained_weights_are_small_half_precision_and_load_as_float32() -> No
     assert card.startswith("---\n") and "library_name: diffusers" in card and "samples.png" in card
 
 
+@pytest.mark.slow
 def test_pretrained_pipeline_reaches_its_documented_accuracy(cifar10_path: Path) -> None:
     documented = json.loads((PRETRAINED / "metrics.json").read_text())
     model_row = next(row for row in documented["rows"] if row["name"] == "model")

@@ -39,6 +39,7 @@ def all_finite(checkpoint: Path) -> bool:
     return all(torch.isfinite(t).all() for t in tensors.values())
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     line = run_bad(tmp_path, "--train.lr", "1e30", "--train.checkpoint_every", "1", "--train.keep_checkpoints", "2",
                    "--train.max_steps", "6", expect=EXIT_DIVERGED)
@@ -49,6 +50,7 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_pat
     assert json.loads((tmp_path / "status.json").read_text()) == {"status": "diverged", "step": 2}
 
 
+@pytest.mark.slow
 def test_fresh_start_in_a_used_output_dir_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path: Path) -> None:
     run_train(tmp_path, *THREE_STEPS)
     line = run_bad(tmp_path, "--train.max_steps", "2")
@@ -61,6 +63,7 @@ def test_fresh_start_in_a_used_output_dir_is_refused_and_overwrite_moves_the_old
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_moves_newer_ones_aside_and_never_prunes_the_new_one(tmp_path: Path) -> None:
     run_train(tmp_path, "--train.max_steps", "6")
     older = tmp_path / "checkpoints" / "step_00000003"
@@ -70,6 +73,7 @@ def test_resume_from_an_older_checkpoint_moves_newer_ones_aside_and_never_prunes
     assert (moved / "checkpoints" / "step_00000006" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_output_dir_is_refused(tmp_path: Path) -> None:
     with open(tmp_path / ".lock", "a+") as lock:  # another job holding the directory
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,6 +92,7 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_crafted_pickle_in_a_checkpoint_does_not_run(tmp_path: Path) -> None:
     run_train(tmp_path, *THREE_STEPS)
     [checkpoint] = list_checkpoints(tmp_path)
@@ -102,6 +107,7 @@ def test_a_crafted_pickle_in_a_checkpoint_does_not_run(tmp_path: Path) -> None:
     assert result.returncode == 2 and "cannot be loaded" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_applies_a_changed_learning_rate_and_keeps_each_start_config(tmp_path: Path) -> None:
     run_train(tmp_path, *THREE_STEPS)
     log = run_train(tmp_path, "--train.max_steps", "5", "--train.lr", "5e-4", "--resume", "latest")
@@ -122,11 +128,13 @@ def test_resume_applies_a_changed_learning_rate_and_keeps_each_start_config(tmp_
      (["--diffusion.prediction_type", "v_prediction"], "resume refuses a changed diffusion.prediction_type 'epsilon' -> 'v_prediction'")],
     ids=["architecture", "batch-size", "diffusion"],
 )
+@pytest.mark.slow
 def test_resume_refuses_a_changed_architecture_batch_size_or_objective(tmp_path: Path, change: list[str], message: str) -> None:
     run_train(tmp_path, *THREE_STEPS)
     assert message in run_bad(tmp_path, "--train.max_steps", "4", "--resume", "latest", *change)
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     run_train(tmp_path, "--train.max_steps", "6")
     weights = tmp_path / "checkpoints" / "step_00000006" / "model.safetensors"
@@ -138,6 +146,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Pa
     assert all_finite(tmp_path / "checkpoints" / "step_00000006")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_temporary_or_incomplete_directory(tmp_path: Path) -> None:
     run_train(tmp_path, *THREE_STEPS)
     [checkpoint] = list_checkpoints(tmp_path)
@@ -158,6 +167,7 @@ def test_labels_outside_the_classes_are_refused_at_load_time(tmp_path: Path) -> 
     assert "1 labels in 'label' are outside 0..9" in line
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_data_set_is_one_line_naming_the_fixes(tmp_path: Path) -> None:
     """Offline (the tests run with HF_HUB_OFFLINE=1), a hub id that is not cached: one line naming a local path and
     HF_HUB_OFFLINE, exit 2 (the old code let the hub client's ConnectionError through as a traceback)."""
@@ -166,6 +176,7 @@ def test_an_unreachable_hub_data_set_is_one_line_naming_the_fixes(tmp_path: Path
     assert "local directory" in line and "HF_HUB_OFFLINE=1" in line
 
 
+@pytest.mark.slow
 def test_train_restores_the_signal_handlers_it_replaced(tmp_path: Path) -> None:
     from pipeline.config import load_config
     from pipeline.training import train

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from pipeline.names import PROJECT_ROOT
+from pipeline.names import CONDITIONING_MODES, PROJECT_ROOT, SAMPLER_NAMES
 
 HEAVY = ("torch", "diffusers", "datasets", "accelerate")
 PACKAGE = PROJECT_ROOT / "pipeline"
@@ -159,3 +160,60 @@ def test_no_module_is_over_400_lines() -> None:
     long = {str(path.relative_to(PROJECT_ROOT)): lines for path in sorted(PACKAGE.rglob("*.py"))
             if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+ARCHITECTURE = PROJECT_ROOT / "docs" / "architecture.md"
+
+
+def short_name(module: str) -> str:
+    """pipeline.training.loop -> training.loop; the package itself stays ``pipeline``."""
+    return module.removeprefix("pipeline.")
+
+
+def test_architecture_doc_orders_every_module_by_its_imports() -> None:
+    """docs/architecture.md's "Who imports whom" lists every module once, each importing only from rows above it."""
+    section = ARCHITECTURE.read_text().split("## Who imports whom", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    row_of: dict[str, int] = {}
+    for number, cell in rows:
+        for name in re.findall(r"`([\w.]+)`", cell):
+            assert name not in row_of, f"{name} is listed twice"
+            row_of[name] = int(number)
+    graph = {short_name(module): {short_name(target) for target in targets} for module, targets in import_graph().items()}
+    assert set(row_of) == set(graph), f"missing: {sorted(set(graph) - set(row_of))}; not modules: {sorted(set(row_of) - set(graph))}"
+    upward = [f"{module} (row {row_of[module]}) imports {target} (row {row_of[target]})"
+              for module, targets in graph.items() for target in targets if row_of[target] >= row_of[module]]
+    assert not upward, "; ".join(upward)
+
+
+def defined_names() -> set[str]:
+    """Every module, function, class, assignment target and dataclass field in pipeline/, tests/ and bench/, and the
+    choices names.py lists (``multiply``, ``dpmsolver++``)."""
+    paths = [*PACKAGE.rglob("*.py"), *(PROJECT_ROOT / "tests").glob("*.py"), *(PROJECT_ROOT / "bench").glob("*.py")]
+    names = {path.stem for path in paths} | set(CONDITIONING_MODES) | set(SAMPLER_NAMES)
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(target.id for target in targets if isinstance(target, ast.Name))
+    return names
+
+
+# Names the worked examples give that are not this project's code: the examples' own new names, and libraries'.
+NOT_OURS = {"concat", "heun", "HeunDiscreteScheduler", "Literal", "ClassLabel"}
+
+
+def test_architecture_doc_names_what_exists() -> None:
+    """The worked examples' files exist, and every code name they give (``SAMPLERS``, ``Evaluator.extracted``,
+    ``model.embed_after_norm``: its last part) is defined somewhere in the code, so a rename cannot leave them stale."""
+    text = ARCHITECTURE.read_text()
+    examples = text.split("## Adding things", 1)[1].split("\n## ", 1)[0]
+    for path in re.findall(r"`((?:pipeline|tests|configs)/[\w/.-]+\.(?:py|yaml))`", text):
+        if "overlays/concat" not in path:  # the example's own new file
+            assert (PROJECT_ROOT / path).exists(), f"docs/architecture.md names {path}, which does not exist"
+    defined = defined_names()
+    names = [token for token in re.findall(r"`([A-Za-z_][\w.]*)`", examples) if not token.endswith((".py", ".yaml"))]
+    missing = [token for token in names if token.split(".")[-1] not in defined | NOT_OURS]
+    assert not missing, f"docs/architecture.md's worked examples name what the code does not define: {missing}"

@@ -127,11 +127,13 @@ def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(full_runs:
     assert_same_training(full_runs[1], full_runs[2])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch(full_runs: dict[int, Path], tmp_path: Path) -> None:
     run_train(tmp_path, "--train.max_steps", str(STEPS), "--train.gradient_accumulation_steps", "2")
     assert_same_training(full_runs[1], tmp_path)
 
 
+@pytest.mark.slow
 def test_compile_and_channels_last_train_on_cpu_like_eager(tmp_path: Path) -> None:
     # dropout 0: each dropout layer draws its mask outside the graph (exact, but a graph break per layer: minutes to compile)
     run_train(tmp_path, "--train.max_steps", str(STEPS), "--train.compile", "true", "--train.channels_last", "true",
@@ -183,6 +185,7 @@ def test_signal_stops_with_a_checkpoint_and_exit_75(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "status.json").read_text()) == {"status": "stopped_early", "step": stopped_at}
 
 
+@pytest.mark.slow
 def test_kill_9_during_checkpoint_write_leaves_the_previous_one(tmp_path: Path) -> None:
     """SIGKILL while a checkpoint is being written; the previous complete one stays and `--resume latest` takes it."""
     big = ["--model.base_channels", "64", "--model.channel_mult", "1,2,2", "--model.layers_per_block", "2",
@@ -258,6 +261,7 @@ def test_step_draws_keep_the_draws_from_before_augmentation_and_add_shifts_and_c
     assert not torch.equal(following.shifts, draws.shifts) and not torch.equal(following.centers, draws.centers)
 
 
+@pytest.mark.slow
 def test_training_feeds_the_model_translated_and_cutout_images(tmp_path: Path) -> None:
     """2 steps of real training with both on: the U-Net's input at every step is the noised batch translated by
     that step's shifts with a black border and blanked in its Cutout squares, nothing else."""
