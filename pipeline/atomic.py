@@ -5,6 +5,9 @@ full disk or a preempted job leaves at the target either the old directory or th
 one. The build is ``.tmp-NAME`` beside the target (the same file system, so the swap is a rename); the old directory
 is renamed aside to ``.tmp-NAME.old`` and stays until the new one is in place. Whatever starts with ``.tmp-`` is
 therefore unfinished or on its way out: cloud syncs skip it (``launch/``) and checkpointing removes leftovers.
+
+Exports are written with ``rebuilt``, which replaces only an export (a folder with ``EXPORT_MARKER``) or an empty
+directory: a directory someone else filled is never deleted (``replace_problem``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+EXPORT_MARKER = "model_index.json"  # diffusers' save_pretrained writes it: the file that makes a folder an export
 
 
 def build_dir(final: Path) -> Path:
@@ -45,10 +49,23 @@ def replace_dir(build: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def replace_problem(final: Path) -> str | None:
+    """Why an export must not replace ``final`` (None if it may): it may replace nothing, an empty directory or an
+    export (a folder with ``EXPORT_MARKER``); anything else holds what someone else put there, which the swap would
+    delete."""
+    if not final.exists() or (final.is_dir() and ((final / EXPORT_MARKER).is_file() or not any(final.iterdir()))):
+        return None
+    return f"{final} exists and is not an export (no {EXPORT_MARKER}), so writing the export there would delete what it holds"
+
+
 @contextmanager
 def rebuilt(final: Path) -> Iterator[Path]:
-    """``with rebuilt(final) as build:`` write the new ``final`` into the empty directory ``build``; when the block
-    ends it is swapped in (``replace_dir``). If the block raises, ``final`` is left as it was and ``build`` removed."""
+    """``with rebuilt(final) as build:`` write the new export ``final`` into the empty directory ``build``; when the
+    block ends it is swapped in (``replace_dir``). If the block raises, ``final`` is left as it was and ``build``
+    removed. FileExistsError, before anything is written, if ``final`` may not be replaced (``replace_problem``):
+    callers check first, to name the fix in a ConfigError; this is the last guard."""
+    if problem := replace_problem(final):
+        raise FileExistsError(problem)
     build = start_build(final)
     try:
         yield build

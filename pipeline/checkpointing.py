@@ -7,12 +7,17 @@ and the resolved config (JSON, YAML; ``save_loop_state``, read back by ``load_ch
 (``pipeline.atomic``). Nothing is registered with ``register_for_checkpointing``, whose pickles accelerate loads
 with ``weights_only=False``: a checkpoint directory cannot run code. ``manifest.json`` (every file's size and
 SHA-256) is written last, so a directory without a valid one is incomplete or corrupt, and ``latest`` falls back
-past it. ``StopSignal`` turns SIGUSR1/SIGTERM (SLURM's pre-timeout signal, preemption, Spot VM
-shutdown) into a flag that the training loop checks with its other cross-rank checks.
+past it. Checkpoints from before manifests (and pickle-free EMA and loop state) cannot be resumed, and nothing
+converts them: without a manifest they cannot be told from an unfinished write, and their pickles would have to be
+loaded with ``weights_only=False``. A write that fails leaves no partial directory behind, and a full disk is
+reported as such (``DiskFullError``: which disk, the last good checkpoint) rather than as the writer's own error.
+``StopSignal`` turns SIGUSR1/SIGTERM (SLURM's pre-timeout signal, preemption, Spot VM shutdown) into a flag that the
+training loop checks with its other cross-rank checks.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +46,10 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 EXIT_DIVERGED = 3  # the loss or gradient norm stopped being finite; the last good checkpoint is kept
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL: stopped with a checkpoint; resume to continue
+EXIT_DISK_FULL = 1  # a checkpoint did not fit: no requeue (a resume would meet the same full disk), a person frees space
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How torch's and safetensors' writers report a full disk: as RuntimeError or their own error, without the OSError.
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "file write failed", "unexpected pos")
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -104,8 +113,9 @@ def resolve_resume(output_dir: Path, resume: str | None, warn: Callable[[str], N
                 return candidate
             warn(f"warning: skipping checkpoint {candidate}: {problem}")
         if found:
-            raise ConfigError(f"no checkpoint in {output_dir / 'checkpoints'} is complete; start over with --train.overwrite true "
-                              "(the old ones are moved aside, not deleted)")
+            raise ConfigError(f"no checkpoint in {output_dir / 'checkpoints'} is complete (nor can one from before checkpoints "
+                              f"had a {MANIFEST} be resumed); start over with --train.overwrite true (the old ones are moved "
+                              "aside, not deleted)")
         return None
     path = Path(resume)
     if not path.is_dir() or not CHECKPOINT_PATTERN.match(path.name):
@@ -173,20 +183,59 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel, p
     progress.load_state_dict(state["progress"])
 
 
+class DiskFullError(Exception):
+    """A checkpoint did not fit on the output directory's disk (or quota). Its message is the one line for the user:
+    the disk, the last good checkpoint, the fix. ``pipeline/train.py`` prints it and exits ``EXIT_DISK_FULL``."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, says the disk or the quota is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS or any(text in str(error) for text in DISK_FULL_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_problem(output_dir: Path, failed: Path, error: BaseException) -> str | None:
+    """The user's line if writing the checkpoint ``failed`` raised ``error`` for want of space, else None (a bug).
+    Full when the error says so, or when the disk has less room left than the last complete checkpoint took (torch
+    reports a short write in words of its own). Called while the partial write is still there, filling the disk."""
+    found = list_checkpoints(output_dir)
+    free = shutil.disk_usage(output_dir).free
+    last_size = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else 0
+    if not (is_disk_full(error) or free < last_size):
+        return None
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return (f"the disk holding {output_dir} is full (or over quota; {free / 2**20:.0f} MiB free): checkpoint {failed.name} could "
+            f"not be written ({type(error).__name__}: {first_line}); its partial copy was removed; last good checkpoint: "
+            f"{found[-1] if found else 'none'}; free space on that disk (or move train.output_dir) and "
+            + ("resume with --resume latest" if found else "start again"))
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, write_extra: Callable[[Path], None]) -> Path:
     """Write the full training state atomically: ``save_state``, then ``write_extra(directory)`` on the main process,
-    then the manifest. Then prune: of the checkpoints older than this one, keep the newest ``keep - 1``."""
+    then the manifest. Then prune: of the checkpoints older than this one, keep the newest ``keep - 1``. If the write
+    fails, its partial directory is removed (it would hold the space a resume needs); DiskFullError for a full disk."""
     final = checkpoint_dir(output_dir, step)
     tmp = build_dir(final)
+    try:
+        if accelerator.is_main_process:
+            start_build(final)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_extra(tmp)
+            write_manifest(tmp)
+            replace_dir(tmp, final)  # also over the same step saved before (e.g. a stop right after a periodic save)
+    except Exception as error:
+        problem = disk_full_problem(output_dir, final, error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if problem is None:
+            raise
+        raise DiskFullError(problem) from error
     if accelerator.is_main_process:
-        start_build(final)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_extra(tmp)
-        write_manifest(tmp)
-        replace_dir(tmp, final)  # also over the same step saved before (e.g. a stop right after a periodic save)
         older = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < step]
         for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -93,6 +93,10 @@ class DataConfig:
     image_column: str | None = _opt(None, "image column (default: detected, e.g. image/img)")
     label_column: str | None = _opt(None, "label column (default: detected ClassLabel, e.g. label)")
     max_samples: int | None = _opt(None, "use only the first N rows (quick runs, tests)")
+    num_classes: int | None = _opt(
+        None, "classes of an integer label column: labels must be in [0, num_classes). none = a ClassLabel's names, else "
+        "0..the largest label, refused when fewer than half of those labels occur (a stray label, not that many classes)"
+    )
     random_flip: bool = _opt(False, "random horizontal flips (CIFAR-10 yes, digits no)")
     translate: int = _opt(0, "random translation jitter of up to N pixels: pad and random crop back to size (the seed's "
                              "random crops); black border for grayscale, mirrored for colour; 0 = off, < half the image size")
@@ -240,6 +244,7 @@ def validate(cfg: Config) -> Config:
         (0 < t.ema_power < math.inf, "train.ema_power must be > 0 and finite"),
         (t.seed >= 0, "train.seed must be >= 0"),
         (cfg.data.max_samples is None or cfg.data.max_samples >= 1, "data.max_samples must be >= 1 or none"),
+        (cfg.data.num_classes is None or cfg.data.num_classes >= 1, "data.num_classes must be >= 1 or none"),
         (cfg.data.translate >= 0, "data.translate must be >= 0 pixels (0 = off)"),
         (cfg.data.cutout >= 0, "data.cutout must be >= 0 pixels (0 = off)"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),

@@ -3,7 +3,9 @@
 A hub id (``ylecun/mnist``, ``uoft-cs/cifar10``), a directory of Parquet files or an imagefolder (both read by
 ``datasets.load_dataset``), or the output of ``Dataset.save_to_disk`` all give the same ``ImageData``. The
 image and label columns are detected (the ``Image`` feature; a ``ClassLabel`` or ``label``) unless configured,
-and the class names come from the ``ClassLabel`` feature.
+and the class names come from the ``ClassLabel`` feature (integer labels: ``data.num_classes``, or inferred as
+its help says). Every image is scaled to 8 bits from its own depth (16-bit: round(x / 257); 1-bit: 0/255; palette:
+its colours); a mode without a fixed range (32-bit float) is refused, as are empty data sets and missing labels.
 
 The training augmentations (``flip_where``, ``translate_where``, ``cutout_where``) are pure tensor functions of
 the images and of offsets drawn elsewhere (``pipeline.training.batches.StepDraws``), so the same draws give the same images on
@@ -12,14 +14,17 @@ any device, process count or resume.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import datasets
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
+from datasets.data_files import EmptyDatasetError
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError
@@ -82,17 +87,24 @@ def _open(dataset: str, split: str) -> datasets.Dataset:
     source = resolve_dataset_path(dataset)
     path = Path(source)
     try:
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            loaded = datasets.load_from_disk(str(path))  # Dataset.save_to_disk / DatasetDict.save_to_disk output
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ConfigError(f"split {split!r} not in {dataset!r}; available: {', '.join(loaded)}")
-                loaded = loaded[split]
-            return loaded
+        if path.is_dir() and (path / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: a folder per split
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            if split not in splits:
+                raise ConfigError(f"split {split!r} not in {dataset!r}; available: {', '.join(splits)}")
+            path = path / split
+        if path.is_dir() and (path / "state.json").exists():  # Dataset.save_to_disk
+            if not json.loads((path / "state.json").read_text()).get("_data_files"):  # no shard, which datasets cannot open
+                raise _no_rows(dataset, split)
+            return datasets.load_from_disk(str(path))
         return datasets.load_dataset(source, split=split)
     except ConfigError:
         raise
+    except EmptyDatasetError:  # an existing directory (or hub repository) without a file datasets reads
+        raise ConfigError(f"data.dataset {dataset!r} holds no data files; point it at Parquet files, images in class folders "
+                          "or save_to_disk output") from None
     except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' words for a split whose files hold no row
+            raise _no_rows(dataset, split) from None
         if "split" in str(error).lower() or "Unknown split" in str(error):
             raise ConfigError(f"data.split {split!r} not found in {dataset!r}: {error}") from None
         raise
@@ -102,6 +114,12 @@ def _open(dataset: str, split: str) -> datasets.Dataset:
             "pass a local directory (Parquet files, an imagefolder or save_to_disk output), or a hub id that is "
             "reachable or already cached (with HF_HUB_OFFLINE=1 only the cache is read)"
         ) from None
+
+
+def _no_rows(dataset: str, split: str) -> ConfigError:
+    """The error for a data set split without a row."""
+    return ConfigError(f"data.dataset {dataset!r} split {split!r} has no rows; point data.dataset at a data set with images, "
+                       "or choose another data.split")
 
 
 def _columns(ds: datasets.Dataset, cfg: DataConfig) -> tuple[str, str]:
@@ -139,36 +157,98 @@ def load_image_data(cfg: DataConfig) -> ImageData:
     image_column, label_column = _columns(ds, cfg)
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
-    label_feature = ds.features[label_column]
-    if isinstance(label_feature, datasets.ClassLabel):
-        class_names = list(label_feature.names)
-        labels = np.asarray(ds[label_column], dtype=np.int64)
-    else:
-        values = ds[label_column]
-        if not all(isinstance(v, (int, np.integer)) for v in values[:100]):
-            raise ConfigError(f"label column {label_column!r} must hold class indices or be a ClassLabel")
-        labels = np.asarray(values, dtype=np.int64)
-        class_names = [str(i) for i in range(int(labels.max()) + 1)]
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
-        bad = int(((labels < 0) | (labels >= len(class_names))).sum())
-        raise ConfigError(f"{bad} labels in {label_column!r} are outside 0..{len(class_names) - 1} (e.g. -1 for "
-                          "'no label'); drop those rows from the data set, or set data.label_column")
+    if len(ds) == 0:
+        raise _no_rows(cfg.dataset, cfg.split)
+    labels, class_names = _labels(ds, label_column, cfg.num_classes)
     images = _decode(ds, image_column)
     return ImageData(torch.from_numpy(images), torch.from_numpy(labels), class_names)
 
 
-def _decode(ds: datasets.Dataset, column: str) -> np.ndarray:
-    arrays = ds.select_columns([column]).with_format("numpy")[:][column]
-    if arrays.dtype == object:  # images of mixed sizes or modes
-        shapes = {a.shape for a in arrays}
+def _labels(ds: datasets.Dataset, column: str, num_classes: int | None) -> tuple[np.ndarray, list[str]]:
+    """The (N,) int64 labels of ``column`` and the class names; every label must be a class index."""
+    values = ds[column]
+    if missing := [row for row, value in enumerate(values) if value is None]:
+        raise ConfigError(f"{len(missing)} rows of {column!r} have no label (None), the first at row {missing[0]} (0-based); "
+                          "drop those rows from the data set, or set data.label_column")
+    feature = ds.features[column]
+    if not isinstance(feature, datasets.ClassLabel):
+        row = next((row for row, value in enumerate(values) if isinstance(value, bool) or not isinstance(value, (int, np.integer))), None)
+        if row is not None:
+            raise ConfigError(f"label column {column!r} must hold class indices or be a ClassLabel; row {row} (0-based) "
+                              f"holds {values[row]!r}")
+    labels = np.asarray(values, dtype=np.int64)
+    class_names = _class_names(feature, labels, column, num_classes)
+    if (outside := np.flatnonzero((labels < 0) | (labels >= len(class_names)))).size:
+        first = int(outside[0])
+        raise ConfigError(f"{outside.size} labels in {column!r} are outside 0..{len(class_names) - 1}, the first {labels[first]} "
+                          f"at row {first} (0-based; -1 is a ClassLabel's 'no label'); drop those rows from the data set, "
+                          f"{'or raise data.num_classes' if num_classes is not None else 'or set data.label_column'}")
+    return labels, class_names
+
+
+def _class_names(feature: object, labels: np.ndarray, column: str, num_classes: int | None) -> list[str]:
+    """A ``ClassLabel``'s names; else ``0..num_classes-1``; else (integer labels, ``num_classes`` unset) ``0..max``,
+    refused where fewer than half of those occur: that is a stray label (999,999 among 0..9 would make a million
+    classes), not a data set with that many classes."""
+    if isinstance(feature, datasets.ClassLabel):
+        if num_classes is not None and num_classes != feature.num_classes:
+            raise ConfigError(f"data.num_classes {num_classes} differs from the {feature.num_classes} classes the ClassLabel "
+                              f"{column!r} names; leave data.num_classes unset (none) for a ClassLabel column")
+        return list(feature.names)
+    if num_classes is not None:
+        return [str(i) for i in range(num_classes)]
+    nonnegative = labels[labels >= 0]  # negative ones are refused as outside the classes
+    largest, distinct = int(nonnegative.max(initial=0)), len(np.unique(nonnegative))
+    if largest + 1 > 2 * distinct:
+        row = int(np.argmax(labels))
+        raise ConfigError(f"label {largest} at row {row} (0-based) of {column!r} would make {largest + 1} classes, but only "
+                          f"{distinct} distinct labels occur; drop or fix that row, or, if there are that many classes, set "
+                          "data.num_classes (labels must then be in [0, num_classes))")
+    return [str(i) for i in range(largest + 1)]
+
+
+# Images of these modes hold 8-bit samples that are read as they are.
+_EIGHT_BIT = ("L", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _decode(ds: datasets.Dataset, column: str, chunk: int = 4096) -> np.ndarray:
+    """(N, C, H, W) uint8 images of ``column``, each scaled from its own bit depth (``_eight_bits``)."""
+    column_only = ds.select_columns([column])
+    arrays, shapes = [], set()
+    for start in range(0, len(column_only), chunk):
+        for offset, image in enumerate(column_only[start:start + chunk][column]):
+            if image is None:
+                raise ConfigError(f"row {start + offset} (0-based) of {column!r} has no image; drop it from the data set")
+            array = _eight_bits(image, column, start + offset)
+            shapes.add(array.shape)
+            arrays.append(array)
+    if len(shapes) > 1:  # images of mixed sizes or channel counts
         raise ConfigError(f"images in {column!r} differ in size or mode ({sorted(shapes)[:3]}...); resize them to one size first")
-    if arrays.ndim == 3:
-        arrays = arrays[:, None]
-    else:
-        arrays = arrays.transpose(0, 3, 1, 2)
-    if arrays.shape[-1] != arrays.shape[-2]:
-        raise ConfigError(f"images must be square, got {arrays.shape[-2]}x{arrays.shape[-1]}")
-    return np.ascontiguousarray(arrays.astype(np.uint8))
+    stacked = np.stack(arrays)
+    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
+    if stacked.shape[-1] != stacked.shape[-2]:
+        raise ConfigError(f"images must be square, got {stacked.shape[-2]}x{stacked.shape[-1]}")
+    return np.ascontiguousarray(stacked)
+
+
+def _eight_bits(image: PIL.Image.Image, column: str, row: int) -> np.ndarray:
+    """One decoded image as (H, W) or (H, W, C) uint8: 8-bit modes as they are, 1-bit as 0/255, palette images as
+    their colours, 16-bit as round(x / 257) (65535 -> 255); a mode whose range is unknown is a ConfigError."""
+    mode = image.mode
+    if mode in _EIGHT_BIT:
+        return np.asarray(image, dtype=np.uint8)
+    if mode in ("1", "P", "PA"):  # 1-bit: 0/1 -> 0/255; palette: indices -> colours
+        return np.asarray(image.convert({"1": "L", "P": "RGB", "PA": "RGBA"}[mode]), dtype=np.uint8)
+    where = f"the image at row {row} (0-based) of {column!r}"
+    if mode.startswith("I"):  # I;16, I;16B, ...: unsigned 16-bit; I: 32-bit signed, which 16-bit files also open as
+        values = np.asarray(image).astype(np.int64)
+        smallest, largest = int(values.min()), int(values.max())
+        if smallest < 0 or largest > 65535 or (mode == "I" and 0 < largest <= 255):
+            raise ConfigError(f"{where} has mode {mode}, integers {smallest}..{largest}, neither 16-bit "
+                              "nor clearly 8-bit; convert the images to 8-bit (L or RGB) or 16-bit PNGs first")
+        return ((values + 128) // 257).astype(np.uint8)  # round(x / 257): the 16-bit scale onto 8 bits, exactly
+    raise ConfigError(f"{where} has mode {mode} ({'32-bit floating point, whose range is not fixed' if mode == 'F' else 'not read'}); "
+                      "convert the images to 8-bit (L or RGB) first")
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,22 @@ steps, seed, images per class and, optionally, a guidance ramp and interval (doc
 (one row per class), the reverse process (the predicted x_0 of the first image of each class at evenly spaced
 steps, as in the seed paper's figure), and a zip of the PNGs.
 Bad input is shown as a message on the page; the server keeps running. The same function is the
-``/generate`` endpoint of the Gradio API (``gradio_client``).
+``/generate`` endpoint of the Gradio API (``gradio_client``). One request's work is bounded (``MAX_STEPS``,
+``MAX_IMAGES``, ``MAX_IMAGE_STEPS``; a class asked for twice is sampled once) and requests queue one at a time, at most
+``QUEUE_SIZE`` waiting. Files do not pile up: a request's zip goes when the next one writes its own, Gradio's copies of
+the images and zips after ``CACHE_AGE_S``, and everything when the server stops (Ctrl+C or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import math
 import os
+import re
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,6 +44,13 @@ if TYPE_CHECKING:  # torch, diffusers and gradio are imported once the command l
 
 DEFAULT_PIPELINES = (PROJECT_ROOT / "data" / "pretrained" / "cifar10-cpu", PROJECT_ROOT / "runs" / "quickstart" / "pipeline")
 MAX_PER_CLASS = 8
+MAX_STEPS = 1000  # the length of the training schedule (diffusion.num_train_timesteps' default)
+MAX_IMAGES = 80  # one U-Net batch per request: ten classes of eight
+MAX_IMAGE_STEPS = 8000  # images x steps, the work (and the reverse process kept in memory): 80 at 100 steps, 8 at 1000
+MAX_SEED = 2**32 - 1
+QUEUE_SIZE = 16  # requests waiting behind the one being served; more are told the queue is full
+CACHE_SWEEP_S, CACHE_AGE_S = 600, 3600  # Gradio deletes its copies of the images and zips an hour after a request
+NAME_CHARS = 48  # of a class name in a file name (the index keeps names unique)
 REVERSE_COLUMNS = 8
 DISPLAY_SIZE = 96  # pixels per image on the page (MNIST's 28 would be tiny)
 
@@ -46,7 +61,9 @@ def default_pipeline() -> Path | None:
 
 
 class Generator:
-    """Samples a pipeline for the page: ``__call__`` is the ``/generate`` endpoint."""
+    """Samples a pipeline for the page: ``__call__`` is the ``/generate`` endpoint. ``out_dir`` is its own folder,
+    emptied when a request writes its zip: requests are served one at a time (``main``'s queue), so by then Gradio
+    has copied the previous one's zip to its cache."""
 
     def __init__(self, pipe: ConditionalDiffusionPipeline, bf16: bool, out_dir: Path):
         self.pipe, self.bf16, self.out_dir = pipe, bf16, out_dir
@@ -65,18 +82,20 @@ class Generator:
 
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
-        steps, seed, per_class = _whole(steps, "steps"), _whole(seed, "seed"), _whole(per_class, "images per class")
-        if not 1 <= per_class <= MAX_PER_CLASS:
-            raise ValueError(f"images per class must be 1..{MAX_PER_CLASS}, got {per_class}")
+        classes = list(dict.fromkeys(classes or ()))  # a class asked for twice is sampled once
+        steps = _whole(steps, "steps", 1, MAX_STEPS)
+        seed = _whole(seed, "seed", 0, MAX_SEED)
+        per_class = _whole(per_class, "images per class", 1, MAX_PER_CLASS)
+        _check_work(len(classes), per_class, steps)
         # decoded and checked as the command lines' flags are (ConfigError, a ValueError), then against this model;
         # an empty interval box is every step, not the run's interval
         settings = sample_settings(SampleConfig(), sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale,
-                                   guidance_ramp=guidance_ramp, guidance_interval=guidance_interval.strip() or "none")
+                                   guidance_ramp=guidance_ramp, guidance_interval=(guidance_interval or "").strip() or "none")
         self.pipe.check_guidance(settings.guidance_scale, settings.guidance_interval, settings.guidance_ramp)
         started = time.perf_counter()
         autocast = torch.autocast(self.pipe.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
-            out = sample_images(self.pipe, settings, list(classes), seed, num_images_per_label=per_class, output_type="pt",
+            out = sample_images(self.pipe, settings, classes, seed, num_images_per_label=per_class, output_type="pt",
                                 return_intermediates=True)
         seconds = time.perf_counter() - started
         grid = _image(torchvision.utils.make_grid(out.images, nrow=per_class, padding=2, pad_value=1.0), self._scale(out.images))
@@ -94,24 +113,54 @@ class Generator:
         return max(1, DISPLAY_SIZE // images.shape[-1])
 
     def _archive(self, images: torch.Tensor, labels: torch.Tensor) -> Path:
-        """A zip of one PNG per image, named by class and index."""
+        """A zip of one PNG per image (``png_name``) in a fresh folder of ``out_dir``, after removing the earlier
+        requests' folders (Gradio serves its own copies of their zips)."""
         import torchvision
 
-        folder = Path(tempfile.mkdtemp(dir=self.out_dir))
+        for old in self.out_dir.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
+        archive = Path(tempfile.mkdtemp(dir=self.out_dir)) / "samples.zip"
         names = self.pipe.class_names
-        archive = folder / "samples.zip"
         with zipfile.ZipFile(archive, "w") as zf:
             for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-                png = folder / f"{i:03d}_{names[label]}.png"
-                torchvision.utils.save_image(image, png)
-                zf.write(png, png.name)
+                png = io.BytesIO()  # straight into the zip: no loose files
+                torchvision.utils.save_image(image, png, format="PNG")
+                zf.writestr(png_name(i, names[label]), png.getvalue())
         return archive
 
 
-def _whole(value: float, name: str) -> int:
-    if value is None or float(value) != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value}")
-    return int(value)
+def png_name(index: int, class_name: str) -> str:
+    """``003_T-shirt_top.png``: the image's index (which keeps names unique) and its class, every run of characters
+    other than letters, digits, ``-``, ``.`` and ``_`` as one ``_`` (a ``/`` would be a folder in the zip), cut to
+    ``NAME_CHARS``."""
+    readable = re.sub(r"[^\w.-]+", "_", class_name).strip("._")[:NAME_CHARS]
+    return f"{index:03d}_{readable or 'class'}.png"
+
+
+def _whole(value: object, name: str, lo: int, hi: int) -> int:
+    """``value`` as an int in ``lo..hi``; ValueError naming the field for anything else (an empty box, text, 2.5,
+    NaN, inf)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number == int(number) and lo <= number <= hi):
+        raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {value}")
+    return int(number)
+
+
+def _check_work(classes: int, per_class: int, steps: int) -> None:
+    """ValueError unless one request of ``classes`` x ``per_class`` images at ``steps`` steps is within the caps."""
+    if not classes:
+        raise ValueError("no class ticked; tick at least one class")
+    images = classes * per_class
+    if images > MAX_IMAGES:
+        raise ValueError(f"{classes} classes x {per_class} images is {images} images, more than one request may ask for "
+                         f"({MAX_IMAGES}); tick fewer classes or ask for fewer images per class")
+    if images * steps > MAX_IMAGE_STEPS:
+        raise ValueError(f"{images} images x {steps} steps is more work than one request may ask for (at most "
+                         f"{MAX_IMAGE_STEPS} image-steps, e.g. {MAX_IMAGES} images at {MAX_IMAGE_STEPS // MAX_IMAGES} steps "
+                         f"or {MAX_IMAGE_STEPS // MAX_STEPS} at {MAX_STEPS}); ask for fewer images or fewer steps")
 
 
 def _image(grid: torch.Tensor, scale: int) -> PIL.Image.Image:
@@ -136,7 +185,7 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
         except ValueError as error:  # bad input: a message on the page, never a dead server
             raise gr.Error(str(error), print_exception=False) from None
 
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, delete_cache=(CACHE_SWEEP_S, CACHE_AGE_S)) as demo:
         gr.Markdown(f"# {title}\nPick one or more classes and press **Generate**. "
                     f"{pipe.unet.config.sample_size}x{pipe.unet.config.sample_size} images, sampled on this machine.")
         with gr.Row():
@@ -150,8 +199,9 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
                 interval = gr.Textbox(value=",".join(f"{v:g}" for v in defaults.guidance_interval or ()), placeholder="every step",
                                       label="Guidance interval LO,HI (noise levels sigma guided)", interactive=guided)
                 sampler = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.sampler, label="Sampler")
-                steps = gr.Number(value=defaults.num_inference_steps, precision=0, label="Steps")
-                seed = gr.Number(value=0, precision=0, label="Seed")
+                # no rounding by Gradio (precision=0 fails on inf and NaN before the check): Generator checks each value
+                steps = gr.Number(value=defaults.num_inference_steps, label=f"Steps (1 to {MAX_STEPS})")
+                seed = gr.Number(value=0, label="Seed")
                 per_class = gr.Slider(1, MAX_PER_CLASS, value=4, step=1, label="Images per class")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -182,11 +232,18 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
     run = saved_run_config(folder)
-    out_dir = Path(tempfile.mkdtemp(prefix="ddpm-demo-"))
-    generator = Generator(pipe, bf16=run.train.mixed_precision == "bf16", out_dir=out_dir)
-    demo = build_demo(generator, run.sample, title=f"Class-conditional DDPM: {folder}")
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out_dir)])
+    signal.signal(signal.SIGTERM, _stop)
+    with tempfile.TemporaryDirectory(prefix="ddpm-demo-") as out_dir:  # removed when the server stops
+        generator = Generator(pipe, bf16=run.train.mixed_precision == "bf16", out_dir=Path(out_dir))
+        demo = build_demo(generator, run.sample, title=f"Class-conditional DDPM: {folder}")
+        demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE).launch(server_name=args.host, server_port=args.port,
+                                                                            allowed_paths=[out_dir])
     return 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (kill, docker stop) stops the server as Ctrl+C does, so that it deletes its files on the way out."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

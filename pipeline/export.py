@@ -15,7 +15,11 @@ Each writer builds its folder in full beside the target and swaps it in (``pipel
 leaves a half-written export: ``export_pipeline`` (training, and ``python -m pipeline.export RUN_DIR``, which
 rewrites a run's ``pipeline/`` with this checkout's code and a new card), ``publish`` (``--out DIR``: a copy to
 commit or share) and ``update_code`` (``--update-code DIR``: this checkout's code in an export whose weights, config,
-sample grid, metrics and card stay as they are, e.g. the committed ``data/pretrained/`` pipelines).
+sample grid, metrics and card stay as they are, e.g. the committed ``data/pretrained/`` pipelines). Each replaces
+only an export or an empty directory (``pipeline.atomic.replace_problem``); any other directory is refused, kept.
+
+An export with a model card also records the optimizer step its weights are from (``training.json``), so that a
+resumed run can tell whether ``pipeline/`` holds its final step (``exported_step``).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline, SchedulerMixin
 
-from pipeline.atomic import rebuilt
+from pipeline.atomic import EXPORT_MARKER, rebuilt, replace_problem
 from pipeline.config import SampleConfig, decode
+from pipeline.errors import ConfigError
 from pipeline.model_card import TrainingRecord, measured_section, shipped_code, with_shipped_code, write_model_card
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
@@ -38,19 +43,37 @@ from pipeline.sampling import saved_run_config
 
 # what a shipped module may import besides the standard library and the files shipped beside it
 SHIPPABLE_PACKAGES = frozenset({"torch", "diffusers", "numpy", "PIL"})
+TRAINING_FILE = "training.json"  # the step and images seen of the weights an export holds
 
 
 class ExportError(ValueError):
-    """A module that cannot be shipped: it imports something plain diffusers does not provide."""
+    """A module that cannot be shipped: it imports something plain diffusers does not provide. A fault of the code
+    (this checkout's), not of the command's input, so not a ConfigError: ``main`` lets it through with its traceback."""
+
+
+def check_target(final: Path, fix: str) -> None:
+    """ConfigError, naming ``fix``, unless an export may replace ``final`` (``replace_problem``): nothing is written."""
+    if problem := replace_problem(final):
+        raise ConfigError(f"{problem}; {fix}")
+
+
+def exported_step(folder: Path) -> int | None:
+    """The optimizer step whose weights the export ``folder`` holds, from its ``training.json``; None when unknown
+    (no export there, or one written without a training record or before exports recorded their step)."""
+    try:
+        return int(json.loads((folder / TRAINING_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def save_export(pipe: DiffusionPipeline, directory: Path, record: TrainingRecord | None = None) -> None:
     """``pipe.save_pretrained(directory)`` plus the code that opens it in plain diffusers and, with ``record``,
-    the model card (``README.md``) and its sample grid."""
+    the model card (``README.md``), its sample grid and ``training.json`` (the step and images seen)."""
     pipe.save_pretrained(directory)
     write_code(directory, type(pipe), type(pipe.unet))
     if record is not None:
         write_model_card(pipe, directory, record)
+        (directory / TRAINING_FILE).write_text(json.dumps({"step": record.step, "images_seen": record.images_seen}) + "\n")
 
 
 def write_code(directory: Path, pipeline_class: type, unet_class: type) -> None:
@@ -118,8 +141,10 @@ def local_imports(module_file: Path) -> list[Path]:
 
 def export_pipeline(unet: ConditionalUNet, scheduler: SchedulerMixin, output_dir: Path, record: TrainingRecord | None = None) -> Path:
     """Write ``output_dir/pipeline``: ``save_export`` of ``unet`` and ``scheduler`` (with a model card given
-    ``record``), built beside it and swapped in whole. Returns the folder."""
+    ``record``), built beside it and swapped in whole. Returns the folder. ConfigError if ``output_dir/pipeline`` is
+    there but no export (a training run checks this at its start, ``run_dir.claim``)."""
     final = output_dir / "pipeline"
+    check_target(final, f"move it out of {output_dir}, or pick another train.output_dir")
     with rebuilt(final) as build:
         save_export(ConditionalDiffusionPipeline(unet=unet, scheduler=scheduler), build, record)
     return final
@@ -130,8 +155,10 @@ def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bo
     config as ``config.yaml`` inside it (so evaluation and figures take its sampler, steps and guidance), the U-Net's
     weights in float16 with ``half`` (``from_pretrained`` loads them as float32), and with ``evaluation`` (an
     ``evaluate --out`` JSON) that file as ``metrics.json``, its table at the end of the card, and its sampler, steps
-    and guidance in the card, the sample grid and ``config.yaml``."""
-    result = json.loads(evaluation.read_text()) if evaluation is not None else None
+    and guidance in the card, the sample grid and ``config.yaml``. ConfigError if ``out`` holds anything but an
+    export."""
+    check_target(out, f"give --out a new or empty directory, or move what {out} holds elsewhere")
+    result = read_evaluation(evaluation) if evaluation is not None else None
     if result is not None:  # ship the sampling that was measured (a guidance chosen after training, say)
         record.config.sample = decode(SampleConfig, result["sample"])  # JSON lists back to tuples; older files lack keys
     with rebuilt(out) as build:
@@ -145,13 +172,24 @@ def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bo
             card.write_text(card.read_text() + "\n" + measured_section(result, record.config.sample))
 
 
+def read_evaluation(path: Path) -> dict:
+    """The ``evaluate --out`` JSON at ``path``; ConfigError if it cannot be read or is not such a file."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--evaluation {path}: cannot be read ({error}); pass a file that `evaluate --out` wrote") from None
+    if not isinstance(result, dict) or "sample" not in result or "rows" not in result:
+        raise ConfigError(f"--evaluation {path}: not an `evaluate --out` file (no 'sample' and 'rows'); pass one that it wrote")
+    return result
+
+
 def update_code(folder: Path) -> None:
     """Put this checkout's code in the export ``folder``: its ``.py`` files (those no longer shipped are dropped),
     the class names in ``model_index.json`` and the card's list of the shipped files. Every other file (weights,
-    configs, sample grid, ``metrics.json``, the rest of the card) is copied byte for byte. Refused (ValueError) if
-    ``folder`` is no export or the new code cannot open its weights."""
-    if not (folder / "model_index.json").is_file():
-        raise ValueError(f"{folder} is not an exported pipeline (no model_index.json)")
+    configs, sample grid, ``metrics.json``, the rest of the card) is copied byte for byte. Refused if ``folder`` is
+    no export (ConfigError) or the new code cannot open its weights (that error, the folder unchanged)."""
+    if not (folder / EXPORT_MARKER).is_file():
+        raise ConfigError(f"{folder} is not an exported pipeline (no {EXPORT_MARKER}); pass an export's folder")
     with rebuilt(folder) as build:
         shutil.copytree(folder, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
         for directory in sorted(build.rglob("*"), reverse=True):  # deepest first: a folder that only held code goes
@@ -181,16 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.update_code is not None:
             if args.out or args.half or args.evaluation or args.command:
-                raise ValueError("--update-code takes no other option: it keeps the export's weights, config and card")
+                raise ConfigError("--update-code takes no other option: it keeps the export's weights, config and card")
             update_code(args.update_code)
             print(f"updated the code in {args.update_code} (weights, config, card and metrics kept)")
             return 0
         folder = args.run_dir / "pipeline"
-        if not (folder / "model_index.json").is_file():
-            raise ValueError(f"{folder} is not an exported pipeline (no model_index.json)")
+        if not (folder / EXPORT_MARKER).is_file():
+            raise ConfigError(f"{folder} is not an exported pipeline (no {EXPORT_MARKER}); pass a training run's output directory")
         if args.out is None and (args.half or args.evaluation or args.command):
-            raise ValueError("--half, --evaluation and --command go with --out (a published copy), not a rewrite of the run")
+            raise ConfigError("--half, --evaluation and --command go with --out (a published copy), not a rewrite of the run")
         record = TrainingRecord.of_run(args.run_dir, saved_run_config(folder))
+        if (step := exported_step(folder)) is not None:  # the weights' own step; status.json may be a later start's
+            record.step, record.images_seen = step, step * record.config.train.batch_size
         record.command = args.command
         pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
         if args.out is not None:
@@ -199,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export_pipeline(pipe.unet, pipe.scheduler, args.run_dir, record)
             print(f"wrote {folder} (self-contained, README.md)")
-    except ValueError as error:  # ConfigError and ExportError too
+    except ConfigError as error:  # bad input only: any other error, ExportError included, keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -4,13 +4,17 @@ and the sample grid it shows (``samples.png``), written beside ``model_index.jso
 The card has YAML metadata for the Hugging Face hub, the code files the folder ships, the loading snippet (plain
 diffusers and this project), the data set, steps and images seen, the training command, the resolved config, and
 the last in-training evaluation metrics (``eval/*`` in the run's TensorBoard logs) if there are any; a published
-copy adds what ``evaluate`` measured (``measured_section``).
+copy adds what ``evaluate`` measured (``measured_section``). Names that come from the data or the user (class names,
+the data set, the command) are escaped (``markdown_text``, ``code_span``, ``fenced``, ``front_matter``): a class
+named ``<script>`` or ``[x](http://...)`` is shown as written, never rendered as HTML, a link or a heading.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -138,6 +142,63 @@ def guidance_arguments(sample: SampleConfig) -> str:
     return arguments
 
 
+def loading_snippet(pipe: ConditionalDiffusionPipeline, sample: SampleConfig) -> str:
+    """The card's Python: load the folder with plain diffusers, install the run's sampler, sample its first two classes
+    with the run's settings."""
+    scheduler_name, scheduler_line = sampler_snippet(pipe, sample.sampler)
+    return "\n".join([
+        "import torch",
+        f"from diffusers import DiffusionPipeline, {scheduler_name}",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
+        scheduler_line + "  # the default is 1000-step DDPM",
+        f"images = pipe(class_labels={pipe.class_names[:2]!r}, num_images_per_label=4, guidance_scale={sample.guidance_scale}, "
+        f"num_inference_steps={sample.num_inference_steps}{guidance_arguments(sample)}, generator=torch.manual_seed(0)).images",
+    ])
+
+
+def markdown_text(text: str) -> str:
+    """``text`` as literal inline Markdown: whitespace runs (line breaks included) as one space, so that it cannot
+    start a line (a heading, a list, a fence); the characters of emphasis, code, links, images, tables and
+    strikethrough backslash-escaped; ``&``, ``<`` and ``>`` as HTML entities (no tags, no entities of its own)."""
+    flat = " ".join(text.split())
+    return html.escape(re.sub(r"([\\`*_\[\]()!|~])", r"\\\1", flat), quote=False)
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall("`+", text)), default=0)
+
+
+def code_span(text: str) -> str:
+    """``text`` as one inline code span (shown verbatim, HTML included) whatever backticks it holds: delimited by a
+    longer backtick run than any inside (CommonMark), its line breaks as spaces."""
+    flat = " ".join(text.splitlines())
+    ticks = "`" * (_longest_backtick_run(flat) + 1)
+    padded = f" {flat} " if flat.startswith("`") or flat.endswith("`") else flat
+    return f"{ticks}{padded}{ticks}"
+
+
+def fenced(text: str, language: str) -> list[str]:
+    """``text`` as the lines of a fenced code block whose fence is longer than any backtick run in it, so that no
+    line of ``text`` can close it."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return [fence + language, text, fence]
+
+
+class _FrontMatterDumper(yaml.SafeDumper):
+    """``yaml.safe_dump``'s YAML with every string on one line: a string with line breaks double-quoted (``\\n``),
+    none folded, so that no value spreads over lines and none can end the front matter early."""
+
+
+_FrontMatterDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style='"' if any(c in text for c in "\r\n") else None))
+
+
+def front_matter(metadata: dict) -> str:
+    """The card's YAML metadata block between its ``---`` lines (``_FrontMatterDumper``)."""
+    return yaml.dump(metadata, Dumper=_FrontMatterDumper, sort_keys=False, width=math.inf).strip()
+
+
 def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, metrics: dict[str, tuple[int, float]],
                     code: list[str]) -> str:
     """The card's Markdown (YAML front matter first); ``code``: the files the folder ships (``shipped_code``)."""
@@ -147,39 +208,29 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
     metadata = {"library_name": "diffusers", "pipeline_tag": PIPELINE_TAG, "license": LICENSE,
                 "tags": list(TAGS), "datasets": [dataset]}
     params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    examples = pipe.class_names[:2]
-    scheduler_name, scheduler_line = sampler_snippet(pipe, cfg.sample.sampler)
     lines = [
-        "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
-        f"# Class-conditional DDPM on {dataset}", "",
+        "---", front_matter(metadata), "---", "",
+        f"# Class-conditional DDPM on {markdown_text(dataset)}", "",
         f"A class-conditional denoising diffusion model ({params:.2f} M-parameter U-Net with class embeddings, "
         f"{cfg.diffusion.prediction_type} objective, {cfg.diffusion.schedule} schedule, classifier-free guidance) "
         f"generating {unet.sample_size}x{unet.sample_size} images of {unet.num_classes} classes: "
-        f"{', '.join(pipe.class_names)}.", "",
+        f"{', '.join(markdown_text(name) for name in pipe.class_names)}.", "",
         f"![samples]({GRID_FILE})", "",
         f"One row per class, {GRID_PER_CLASS} samples each: {cfg.sample.sampler}, {cfg.sample.num_inference_steps} steps, "
         f"{cfg.sample.guidance_text()}, seed {cfg.train.seed}.", "",
         "## Use it", "",
         code_sentence(code), "",
-        "```python",
-        "import torch",
-        f"from diffusers import DiffusionPipeline, {scheduler_name}",
-        "",
-        'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
-        scheduler_line + "  # the default is 1000-step DDPM",
-        f"images = pipe(class_labels={examples!r}, num_images_per_label=4, guidance_scale={cfg.sample.guidance_scale}, "
-        f"num_inference_steps={cfg.sample.num_inference_steps}{guidance_arguments(cfg.sample)}, generator=torch.manual_seed(0)).images",
-        "```", "",
+        *fenced(loading_snippet(pipe, cfg.sample), "python"), "",
         "`class_labels` takes class indices or names; `output_type` is `pil`, `np`, `pt` or `latent`. With this project "
         "installed, `pipeline.ConditionalDiffusionPipeline.from_pretrained(folder)` opens it without `trust_remote_code`, "
         "and `python -m pipeline.demo --pipeline folder` serves a web demo.", "",
         "## Training", "",
-        f"- Data set: `{cfg.data.dataset}` (split `{cfg.data.split}`"
+        f"- Data set: {code_span(cfg.data.dataset)} (split {code_span(cfg.data.split)}"
         + (f", first {cfg.data.max_samples} images" if cfg.data.max_samples else "") + ")",
         f"- Steps: {record.step} optimizer steps, {record.images_seen} images seen (global batch {cfg.train.batch_size})",
-        f"- Command: `{record.command}`" if record.command else "- Command: not recorded (exported after the run)",
+        f"- Command: {code_span(record.command)}" if record.command else "- Command: not recorded (exported after the run)",
         "", "Resolved config (the run's `config.yaml`; `python pipeline/train.py --config config.yaml` repeats the run):", "",
-        "```yaml", cfg.to_yaml().strip(), "```", "",
+        *fenced(cfg.to_yaml().strip(), "yaml"), "",
         "## Evaluation", "",
     ]
     if metrics:

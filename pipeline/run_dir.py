@@ -1,7 +1,8 @@
 """One run per output directory: a lock for the run's life, its status for job scripts, one config per start.
 
 A fresh start where checkpoints exist is refused (``--resume latest`` continues the run, ``train.overwrite``
-moves the old one aside), and resuming from an older checkpoint moves the newer ones aside: runs never mix.
+moves the old one aside), and resuming from an older checkpoint moves the newer ones aside: runs never mix. A
+``pipeline/`` that is not an export (the run's export would replace it) is refused at the start, before any step.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import socket
 from pathlib import Path
 
+from pipeline.atomic import replace_problem
 from pipeline.checkpointing import checkpoint_step, list_checkpoints, set_aside
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -53,14 +55,19 @@ def write_status(output_dir: Path, status: str, step: int | None = None) -> None
 
 def claim(output_dir: Path, resume_from: Path | None, overwrite: bool, move: bool) -> str | None:
     """Make ``output_dir`` hold this run alone. Every rank checks (so every rank refuses alike); the one with ``move``
-    (the main process, under the lock) moves another run's outputs aside. Returns what was moved, if anything."""
+    (the main process, under the lock) moves another run's outputs aside. Returns what was moved, if anything.
+    ConfigError for a used ``output_dir`` without ``overwrite``, and for a ``pipeline/`` there that is not an export
+    and stays (the run's export would delete it): refused now rather than after hours of training."""
     found = list_checkpoints(output_dir)
     if resume_from is None and found and not overwrite:
         raise ConfigError(f"{output_dir} already holds checkpoints up to {found[-1].name}; continue that run with "
                           "--resume latest, or start over with --train.overwrite true (moves them aside)")
+    moves_outputs = resume_from is None and bool(found)  # with overwrite: pipeline/ goes to abandoned/ with the rest
+    if not moves_outputs and (problem := replace_problem(output_dir / "pipeline")):
+        raise ConfigError(f"{problem}; move it out of {output_dir}, or pick another train.output_dir")
     if not move:
         return None
-    if resume_from is None and found:
+    if moves_outputs:
         moved = set_aside(output_dir, [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()])
         return f"the previous run's outputs were moved to {moved}"
     newer = [p for p in found if resume_from is not None and checkpoint_step(p) > checkpoint_step(resume_from)]

@@ -5,7 +5,8 @@
 ``python -m pipeline.evaluation evaluate`` and ``python -m pipeline.figures`` take ``--sampler``, ``--steps``,
 ``--guidance``, ``--guidance-interval`` and ``--guidance-ramp`` (``add_sample_flags``, ``flagged_settings``), the
 demo its page's fields (``sample_settings``); every value is decoded as the config's own are (``0.3,5.0``, ``[0.3,
-5.0]`` or ``none`` for the interval) and checked by the one guidance rule before any model is loaded. Torch-free.
+5.0]`` or ``none`` for the interval) and checked by the one guidance rule before any model is loaded. The command
+lines' numeric flags (the study's too) are checked by ``check_positive``. Torch-free.
 """
 
 from __future__ import annotations
@@ -63,3 +64,11 @@ def add_sample_flags(parser: argparse.ArgumentParser) -> None:
 def flagged_settings(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """``base`` with the sampling flags given on the command line (``add_sample_flags``), by ``sample_settings``."""
     return sample_settings(base, **{field: getattr(args, field) for field in SAMPLE_FLAGS.values()})
+
+
+def check_positive(flags: dict[str, float | None]) -> None:
+    """ConfigError for a numeric command-line flag (name -> value, None where not given) given at or below 0, which is
+    never "the default": counts (ints) must be >= 1, rates and durations (floats) > 0."""
+    for flag, value in flags.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be {'>= 1' if isinstance(value, int) else '> 0'}, got {value}")

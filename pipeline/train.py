@@ -5,7 +5,9 @@
 
 Exit status: 0 when the step/epoch budget is done; 75 when stopped early (SIGUSR1/SIGTERM or
 train.max_minutes) with a checkpoint written, so a job script can requeue and resume; 3 when the loss
-diverged (nothing non-finite is saved); 2 for bad input (config, data, checkpoint), one line from rank 0.
+diverged (nothing non-finite is saved); 2 for bad input (config, data, checkpoint), one line from rank 0;
+1 with one line when a checkpoint did not fit on the disk (its partial copy removed), and for any crash, with its
+traceback.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(known.config, overrides)
     except ConfigError as error:
         return _bad_input(f"{error}\n{USAGE}\n(--help lists every option)")
-    from pipeline.training import train  # heavy imports only after the arguments are known to be good
+    from pipeline.checkpointing import EXIT_DISK_FULL, DiskFullError  # heavy imports only after the arguments are good
+    from pipeline.training import train
 
     try:
         return train(cfg, known.resume)
     except ConfigError as error:  # bad data or checkpoint; any other error at run time keeps its traceback
         return _bad_input(str(error))
+    except DiskFullError as error:  # no bug: one line from the rank that met it, naming the disk and the last checkpoint
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 def _bad_input(message: str) -> int:

@@ -101,6 +101,7 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
         ({"train.adam_beta2": -0.5}, r"train.adam_beta1 and train.adam_beta2 must be in \[0, 1\)"),
         ({"train.ema_power": 0}, r"train.ema_power must be > 0 and finite"),
         ({"data.max_samples": 0}, r"data.max_samples must be >= 1 or none"),
+        ({"data.num_classes": 0}, r"data.num_classes must be >= 1 or none"),
         ({"data.translate": -1}, r"data.translate must be >= 0 pixels \(0 = off\)"),
         ({"data.cutout": -8}, r"data.cutout must be >= 0 pixels \(0 = off\)"),
         ({"train.seed": -1}, r"train.seed must be >= 0"),
@@ -119,7 +120,8 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
     ids=["key", "section", "not-dotted", "literal", "sampler", "bool", "int", "float-for-int", "bool-for-int", "none",
          "list-item", "dropout", "after-norm-scale-shift", "p_uncond", "max_steps", "no-stop", "refused-sampler", "grad-norm-nan",
          "grad-norm-negative",
-         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "translate", "cutout", "seed", "guidance-nan",
+         "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "num-classes", "translate", "cutout", "seed",
+         "guidance-nan",
          "guidance-inf", "interval-reversed", "interval-nan", "interval-negative", "interval-one-value", "interval-three-values",
          "interval-not-a-number", "ramp", "ramp-negative-weight"],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -139,6 +140,124 @@ def test_no_label_column_is_a_clear_error(tmp_path: Path) -> None:
 def test_images_that_cannot_stack_are_clear_errors(tmp_path: Path, images: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_image_data(DataConfig(dataset=str(saved_dataset(tmp_path / "ds", images))))
+
+
+# --- bit depths and labels -------------------------------------------------------------------------------------
+
+# 16-bit samples and round(x / 257), their 8-bit values (the old code kept x mod 256: 55,746 -> 194)
+SIXTEEN_BIT = np.array([[0, 128, 129, 257], [32896, 55746, 65407, 65535]] * 2, dtype=np.uint16)
+SCALED = np.array([[0, 0, 1, 1], [128, 217, 255, 255]] * 2, dtype=np.uint8)
+CHECKERBOARD = (np.indices((4, 4)).sum(0) % 2).astype(bool)
+
+
+def bit_depth_images(mode: str) -> tuple[list[PIL.Image.Image], np.ndarray]:
+    """Two 4x4 images of ``mode`` and the (H, W) or (H, W, 3) uint8 values the loader must give for them."""
+    if mode == "I;16":
+        return [PIL.Image.fromarray(SIXTEEN_BIT)] * 2, SCALED
+    if mode == "I":  # 16-bit samples held as 32-bit integers, as TIFF files and older Pillow's 16-bit PNGs open
+        return [PIL.Image.fromarray(SIXTEEN_BIT.astype(np.int32))] * 2, SCALED
+    if mode == "1":
+        return [PIL.Image.fromarray(CHECKERBOARD)] * 2, CHECKERBOARD.astype(np.uint8) * 255
+    palette = PIL.Image.fromarray(CHECKERBOARD.astype(np.uint8), mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 200, 30, 90] + [0, 0, 0] * 254)  # index 1 -> a purple, not the value 1
+    return [palette] * 2, np.where(CHECKERBOARD[..., None], np.array([200, 30, 90], dtype=np.uint8), 0).astype(np.uint8)
+
+
+def write_images(path: Path, images: list[PIL.Image.Image], layout: str, labels: list | None = None,
+                 feature: datasets.features.features.FeatureType | None = None) -> Path:
+    """``images`` as an imagefolder (one class folder per image, TIFF where PNG cannot hold the mode) or as a Parquet
+    file (the hub's layout, as the real MNIST copy), with ``labels``."""
+    if layout == "imagefolder":
+        for i, img in enumerate(images):
+            (path / f"class{i}").mkdir(parents=True)
+            img.save(path / f"class{i}" / ("0.tiff" if img.mode in ("I", "F") else "0.png"))
+        return path
+    labels = list(range(len(images))) if labels is None else labels
+    features = datasets.Features({"image": datasets.Image(), "label": feature or datasets.Value("int64")})
+    path.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path / "train.parquet"))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "parquet"])
+@pytest.mark.parametrize("mode", ["I;16", "I", "1", "P"])
+def test_images_of_every_bit_depth_are_scaled_to_8_bits(tmp_path: Path, mode: str, layout: str) -> None:
+    """16-bit images as round(x / 257) (the old code wrapped them modulo 256), 1-bit ones as 0/255 (not 0/1 out of
+    255), palette images as their colours (not their palette indices)."""
+    images, expected = bit_depth_images(mode)
+    data = load_image_data(DataConfig(dataset=str(write_images(tmp_path / "data", images, layout))))
+    channels = 1 if expected.ndim == 2 else 3
+    assert data.images.shape == (2, channels, 4, 4) and data.images.dtype == torch.uint8
+    assert data.images[0].permute(1, 2, 0).squeeze(-1).numpy().tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    ("image_", "message"),
+    [
+        (PIL.Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), r"the image at row 0 \(0-based\) of 'image' has mode F "
+                                                                     r"\(32-bit floating point, whose range is not fixed\); convert"),
+        (PIL.Image.fromarray(np.full((4, 4), 200, dtype=np.int32)), r"has mode I, integers 200..200, neither 16-bit nor clearly 8-bit"),
+        (PIL.Image.fromarray(np.full((4, 4), -5, dtype=np.int32)), r"has mode I, integers -5..-5, neither 16-bit"),
+    ],
+    ids=["float", "8-bit-values-in-32-bit", "negative"],
+)
+def test_images_without_a_known_range_are_refused(tmp_path: Path, image_: PIL.Image.Image, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_image_data(DataConfig(dataset=str(write_images(tmp_path / "data", [image_, image_], "parquet"))))
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes", "classes", "message"),
+    [
+        ([0, 3, 1, 3], None, 4, None),  # 0..3 inferred: three of the four occur
+        ([0, 1, 2, 999_999], None, None, r"^label 999999 at row 3 \(0-based\) of 'label' would make 1000000 classes, but only 4 "
+                                         r"distinct labels occur; .* set data.num_classes \(labels must then be in \[0, num_classes\)\)$"),
+        ([0, 1, 2, 999_999], 10, None, r"^1 labels in 'label' are outside 0..9, the first 999999 at row 3 \(0-based.*data.num_classes$"),
+        ([0, 9, 1, 9], 12, 12, None),  # explicit: classes 10 and 11 have no images here
+        ([0, 9, 1, 9], None, None, r"label 9 at row 1 .* would make 10 classes, but only 3 distinct"),
+        ([0, None, 1, None], None, None, r"^2 rows of 'label' have no label \(None\), the first at row 1 \(0-based\); drop"),
+        ([0, 1.5, 1, 0], None, None, r"label column 'label' must hold class indices or be a ClassLabel; row 0 \(0-based\) holds 0.0"),
+    ],
+    ids=["inferred", "stray-label", "outside-num-classes", "num-classes", "too-sparse", "none", "float"],
+)
+def test_integer_labels_give_classes_or_one_clear_error(tmp_path: Path, labels: list, num_classes: int | None, classes: int | None,
+                                                       message: str | None) -> None:
+    """Integer labels without class names: 0..max, unless fewer than half of those occur (a stray 999,999 made a
+    million classes); ``data.num_classes`` sets the count, and a missing label is named with its row."""
+    feature = datasets.Value("float64") if any(isinstance(v, float) for v in labels) else None
+    path = write_images(tmp_path / "data", [image()] * len(labels), "parquet", labels, feature)
+    if message is not None:
+        with pytest.raises(ConfigError, match=message):
+            load_image_data(DataConfig(dataset=str(path), num_classes=num_classes))
+        return
+    data = load_image_data(DataConfig(dataset=str(path), num_classes=num_classes))
+    assert data.class_names == [str(i) for i in range(classes)] and data.labels.tolist() == labels
+
+
+def test_num_classes_must_match_a_class_label(tmp_path: Path) -> None:
+    path = saved_dataset(tmp_path / "ds", [image(), image()])
+    assert load_image_data(DataConfig(dataset=str(path), num_classes=2)).class_names == ["even", "odd"]
+    with pytest.raises(ConfigError, match=r"^data.num_classes 3 differs from the 2 classes the ClassLabel 'label' names; leave"):
+        load_image_data(DataConfig(dataset=str(path), num_classes=3))
+
+
+@pytest.mark.parametrize(("layout", "labels"), [("save_to_disk", datasets.ClassLabel(names=["a", "b"])), ("save_to_disk", None),
+                                               ("parquet", datasets.ClassLabel(names=["a", "b"]))],
+                         ids=["saved-class-label", "saved-integers", "parquet"])
+def test_an_empty_data_set_is_one_clear_error(tmp_path: Path, layout: str, labels: datasets.features.features.FeatureType | None) -> None:
+    """No rows (a filter that kept none): one line, not datasets' IndexError or ValueError (the old code's traceback)."""
+    if layout == "parquet":
+        path = write_images(tmp_path / "ds", [], layout, [], labels)
+    else:
+        path = saved_dataset(tmp_path / "ds", [], {"label": []}, {"label": labels or datasets.Value("int64")})
+    with pytest.raises(ConfigError, match=r"^data.dataset '.*ds' split 'train' has no rows; point data.dataset at a data set with images"):
+        load_image_data(DataConfig(dataset=str(path)))
+
+
+def test_a_directory_without_data_files_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^data.dataset '.*empty' holds no data files; point it at Parquet files"):
+        load_image_data(DataConfig(dataset=str(tmp_path / "empty")))
 
 
 # --- batches --------------------------------------------------------------------------------------------------

@@ -8,11 +8,19 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
 
+import httpx
 import PIL.Image
 import pytest
+import torch
+
+from pipeline.demo import MAX_IMAGE_STEPS, MAX_IMAGES, MAX_STEPS, Generator
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 STARTUP_S = 240  # a loaded 2-core machine takes long to import gradio, torch and diffusers
@@ -25,14 +33,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_url(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The demo of the tiny run's export on a free localhost port; stopped after the module."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "demo.log"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+class Demo(NamedTuple):
+    url: str
+    tmp: Path  # the server's TMPDIR: its own folder of zips and Gradio's cache
+    process: subprocess.Popen
+
+
+@contextmanager
+def served_demo(pipeline: Path, folder: Path) -> Iterator[Demo]:
+    """``python -m pipeline.demo --pipeline pipeline`` on a free localhost port, its log and temporary files (TMPDIR)
+    in ``folder``; stopped with SIGTERM on exit."""
+    port, tmp, log = free_port(), folder / "tmp", folder / "demo.log"
+    tmp.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
+    env |= {"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp)}
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "pipeline.demo", "--pipeline", str(tiny_run / "pipeline"), "--port", str(port)],
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.demo", "--pipeline", str(pipeline), "--port", str(port)],
                                   stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -41,10 +57,22 @@ def demo_url(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             assert server.poll() is None, f"the demo exited: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"the demo did not start in {STARTUP_S} s: {log.read_text()[-2000:]}"
             time.sleep(0.5)
-        yield url
+        yield Demo(url, tmp, server)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """The demo of the tiny run's export; stopped after the module."""
+    with served_demo(tiny_run / "pipeline", tmp_path_factory.mktemp("demo")) as served:
+        yield served
+
+
+@pytest.fixture
+def demo_url(demo: Demo) -> str:
+    return demo.url
 
 
 def test_bad_command_line_is_one_clear_line(tmp_path: Path) -> None:
@@ -97,7 +125,7 @@ def test_generate_through_gradio_client(demo_url: str) -> None:
     assert PIL.Image.open(grid).size == (3 * (2 * 28 + 3 * 2),) * 2
     assert PIL.Image.open(strip).size == (3 * (4 * 28 + 5 * 2), 3 * (2 * 28 + 3 * 2))  # 4 steps: 4 columns
     assert Path(archive).stat().st_size > 0
-    with pytest.raises(AppError, match=r"num_inference_steps must be >= 1, got 0"):
+    with pytest.raises(AppError, match=r"steps must be a whole number from 1 to 1000, got 0"):
         client.predict(["3"], 2.0, "dpmsolver++", 0, 0, 1, api_name="/generate")
     with pytest.raises(AppError, match=r"'cat' .*not in the list of choices"):
         client.predict(["cat"], 2.0, "dpmsolver++", 4, 0, 1, api_name="/generate")
@@ -108,3 +136,85 @@ def test_generate_through_gradio_client(demo_url: str) -> None:
     assert "guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, 5]" in status
     with pytest.raises(AppError, match=r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"):
         client.predict(["2"], 3.0, "dpmsolver++", 4, 0, 1, "constant", "5,1", api_name="/generate")
+
+
+# ---- issue 24: bounded work, safe zip names, no files left behind -------------------------------------------------
+
+
+def raw_call(url: str, body: str) -> str:
+    """POST ``body`` (JSON text, which may hold ``Infinity`` and ``NaN``: gradio_client cannot send them) to the
+    ``/generate`` endpoint of Gradio's REST API; the event stream of the answer."""
+    posted = httpx.post(f"{url}gradio_api/call/generate", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    posted.raise_for_status()
+    return httpx.get(f"{url}gradio_api/call/generate/{posted.json()['event_id']}", timeout=GENERATE_S).text
+
+
+def test_the_work_of_one_request_is_bounded_and_bad_values_are_messages(demo: Demo) -> None:
+    """A cap on steps, images and images x steps; a class asked for 5000 times is sampled once; inf, NaN, 2.5, a
+    negative seed: each a message naming the field, and the server serves on. A request's zip goes when the next
+    one starts."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(demo.url, verbose=False)
+    with pytest.raises(AppError, match=rf"steps must be a whole number from 1 to {MAX_STEPS}, got 1000000$"):
+        client.predict(["3"], 2.0, "dpmsolver++", 10**6, 0, 1, api_name="/generate")
+    with pytest.raises(AppError, match=r"steps must be a whole number from 1 to 1000, got 2.5"):
+        client.predict(["3"], 2.0, "dpmsolver++", 2.5, 0, 1, api_name="/generate")
+    with pytest.raises(AppError, match=r"seed must be a whole number from 0 to 4294967295, got -1"):
+        client.predict(["3"], 2.0, "dpmsolver++", 2, -1, 1, api_name="/generate")
+    ten = [str(i) for i in range(10)]  # 80 images: the most one request may ask for, at up to 100 steps
+    with pytest.raises(AppError, match=rf"80 images x 101 steps is more work than one request may ask for \(at most {MAX_IMAGE_STEPS}"):
+        client.predict(ten, 2.0, "dpmsolver++", 101, 0, 8, api_name="/generate")
+    with pytest.raises(AppError, match=r"no class ticked; tick at least one class"):
+        client.predict([], 2.0, "dpmsolver++", 2, 0, 1, api_name="/generate")
+    _, _, archive, status = client.predict(["0"] * 5000, 1.0, "ddim", 2, 0, 2, api_name="/generate")
+    assert status.startswith("2 images (0) in ")
+    assert zipfile.ZipFile(archive).namelist() == ["000_0.png", "001_0.png"]
+    for value in ("Infinity", "NaN"):  # Gradio's own rounding raised OverflowError / ValueError: a bare "Error"
+        events = raw_call(demo.url, f'{{"data": [["3"], 2.0, "dpmsolver++", {value}, 0, 1, "constant", ""]}}')
+        assert "event: error" in events and f"steps must be a whole number from 1 to 1000, got {value.lower()[:3]}" in events
+    _, _, _, status = client.predict(["1"], 1.0, "ddim", 2, 1, 1, api_name="/generate")  # still serving
+    assert status.startswith("1 images (1)")
+    (out_dir,) = demo.tmp.glob("ddpm-demo-*")
+    assert [path.relative_to(out_dir).parts[1:] for path in out_dir.rglob("*") if path.is_file()] == [("samples.zip",)]
+
+
+def test_too_many_images_are_refused_before_sampling(tmp_path: Path) -> None:
+    """More classes x images than ``MAX_IMAGES`` (a data set of many classes) is a message; nothing is sampled."""
+    generator = Generator(SimpleNamespace(), bf16=False, out_dir=tmp_path)  # a pipe it must not touch
+    classes = [f"class {i}" for i in range(MAX_IMAGES // 8 + 1)]
+    with pytest.raises(ValueError, match=rf"11 classes x 8 images is 88 images, more than one request may ask for \({MAX_IMAGES}\)"):
+        generator(classes, 1.0, "ddim", 2, 0, 8)
+
+
+def test_zip_names_are_safe_readable_and_unique(tmp_path: Path) -> None:
+    """Fashion-MNIST's "T-shirt/top" (a "/" made the zip fail with FileNotFoundError), a path, spaces, an empty or a
+    long name: one flat, readable, unique PNG name each, written straight into the zip."""
+    names = ["T-shirt/top", "../../etc/passwd", "a b", "", "\u00e9t\u00e9", "x" * 300]
+    generator = Generator(SimpleNamespace(class_names=names), bf16=False, out_dir=tmp_path)
+    archive = generator._archive(torch.rand(7, 1, 4, 4), torch.tensor([0, 0, 1, 2, 3, 4, 5]))
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.namelist() == ["000_T-shirt_top.png", "001_T-shirt_top.png", "002_etc_passwd.png", "003_a_b.png",
+                                 "004_class.png", "005_\u00e9t\u00e9.png", f"006_{'x' * 48}.png"]
+        assert PIL.Image.open(zf.open("000_T-shirt_top.png")).size == (4, 4)
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == [archive]
+
+
+def test_requests_do_not_accumulate_files(tmp_path: Path) -> None:
+    """Each request's zip replaces the previous request's folder (Gradio serves its own copy of that one)."""
+    generator = Generator(SimpleNamespace(class_names=["0", "1"]), bf16=False, out_dir=tmp_path)
+    archives = [generator._archive(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])) for _ in range(3)]
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == [archives[-1]]
+
+
+@pytest.mark.slow
+def test_a_stopped_demo_leaves_no_files(tiny_run: Path, tmp_path: Path) -> None:
+    """SIGTERM (docker stop, kill) stops the server as Ctrl+C does: exit 0, its zips and Gradio's copies deleted."""
+    from gradio_client import Client
+
+    with served_demo(tiny_run / "pipeline", tmp_path) as demo:
+        Client(demo.url, verbose=False).predict(["3"], 1.0, "ddim", 2, 0, 1, api_name="/generate")
+        assert [path for path in demo.tmp.rglob("*") if path.is_file()]  # the zip, the grid and their cached copies
+    assert demo.process.returncode == 0
+    assert not [path for path in demo.tmp.rglob("*") if path.is_file()]

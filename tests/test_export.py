@@ -239,3 +239,52 @@ def test_update_code_replaces_only_the_code_of_an_older_export(tiny_run: Path, t
         update_code(folder)
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_export_out_refuses_a_directory_that_is_not_an_export(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--out DIR`` where DIR holds the user's files: exit 2, one line naming DIR and the fix, DIR as it was (the old
+    code replaced DIR with the export, exit 0). Nothing, an empty directory or an export there may be replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    assert export_main([str(tiny_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert line.startswith(f"error: {out} exists and is not an export (no model_index.json)"), line
+    assert "give --out a new or empty directory" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes\n"
+    assert not list(tmp_path.glob(".tmp-*"))
+    (tmp_path / "a-file").write_text("mine too\n")
+    assert export_main([str(tiny_run), "--out", str(tmp_path / "a-file")]) == 2
+    assert (tmp_path / "a-file").read_text() == "mine too\n"
+    from pipeline.atomic import replace_problem
+
+    (tmp_path / "empty").mkdir()
+    assert replace_problem(tmp_path / "empty") is None and replace_problem(tmp_path / "absent") is None
+    exported = tmp_path / "exported"
+    shutil.copytree(tiny_run / "pipeline", exported)
+    (exported / "training.json").unlink()
+    assert export_main([str(tiny_run), "--out", str(exported)]) == 0  # an export: replaced
+    assert json.loads((exported / "training.json").read_text()) == {"step": 12, "images_seen": 192}
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug in the export"), ExportError("unet.py imports einops")], ids=["bug", "export-error"])
+def test_the_export_cli_lets_errors_that_are_not_bad_input_through(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     error: Exception) -> None:
+    """Only ConfigError is "bad input" (one line, exit 2); a ValueError from a bug, or an ExportError (this checkout's
+    code cannot be shipped: a fault of the code, not of the command), keeps its traceback (the old code turned every
+    ValueError into exit 2)."""
+    import pipeline.export
+
+    def fails(*args: object) -> None:
+        raise error
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.setattr(pipeline.export, "export_pipeline", fails)
+    with pytest.raises(type(error), match=str(error)):
+        export_main([str(run)])
+    assert export_main([str(tmp_path / "no-run")]) == 2  # bad input is still one line, exit 2
+    assert export_main([str(run), "--out", str(tmp_path / "out"), "--evaluation", str(tmp_path / "missing.json")]) == 2
+    assert not (tmp_path / "out").exists()

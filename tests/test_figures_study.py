@@ -260,6 +260,50 @@ def test_study_continues_a_run_cut_off_mid_training(tmp_path: Path, mnist_path: 
     assert starts == ["start-001-step_00000000.yaml", f"start-002-step_{cut_at:08d}.yaml"]
 
 
+def test_report_only_leaves_out_a_run_trained_with_another_config_and_scores_replaced_weights_again(
+        tmp_path: Path, tiny_run: Path, mnist_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--report-only`` on a set that now says base width 64: the seed recorded at 16 is left out, naming the key, in
+    the report and on stderr (the old code reported it under the set's 64). A cached evaluation is keyed on the
+    SHA-256 of the U-Net's and the classifier's weights, so weights replaced behind the study's back are scored again
+    (the old key was the settings alone)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tiny = dict(zip([k[len("--model."):] for k in TINY_MODEL[::2]], TINY_MODEL[1::2], strict=True))
+    spec = {"base": "configs/experiments/mnist-cpu-base.yaml",
+            "overrides": {"model": {**tiny, "base_channels": 64}, "data": {"dataset": str(mnist_path), "max_samples": 256}},
+            "budget": {"steps": 4}, "seeds": [0, 1], "evaluate": {"per_class": 1, "metrics": ["accuracy"], "ref_samples": 50},
+            "runs": {"baseline": [{"sample": {"num_inference_steps": 2}}]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    out, runs_dir = tmp_path / "out", tmp_path / "runs"
+    study_set = sets.load_set(str(tmp_path / "tiny.yaml"))
+    for seed, width in ((0, 64), (1, 16)):  # trained runs (the tiny run's outputs), recorded at these widths
+        cfg = runner.run_config(study_set, "baseline", seed, runs_dir)
+        recorded = json.loads(json.dumps(cfg.to_dict()))
+        recorded["model"]["base_channels"] = width
+        shutil.copytree(tiny_run, cfg.train.output_dir)
+        (Path(cfg.train.output_dir) / "study-run.json").write_text(json.dumps({"config": recorded, "train_s": 3.0, "exit": 0}))
+    argv = ["--set", str(tmp_path / "tiny.yaml"), "--out", str(out), "--runs-dir", str(runs_dir), "--report-only"]
+    monkeypatch.setattr(runner, "draw_figures", lambda *args: None)  # test_study_end_to_end draws them
+    assert study_main(argv) == 0
+    reason = "trained with another config than the set's (model.base_channels: trained with 16, the set now says 64)"
+    assert f"baseline-s1: {reason}; left out of the report" in capsys.readouterr().err
+    result = json.loads((out / "results.json").read_text())
+    assert {row.get("seed") for row in result["rows"]} == {0, None} and result["left_out"] == {"baseline-s1": reason}
+    assert f"- `baseline-s1`: {reason}" in (out / "results.md").read_text()
+
+    [evaluation] = (runs_dir / "baseline-s0" / runner.EVALUATIONS).glob("*.json")
+    key = json.loads(evaluation.read_text())["key"]
+    unet = runs_dir / "baseline-s0" / "pipeline" / "unet"
+    assert key["unet_sha256"] == runner.files_digest(unet) and key["classifier_sha256"] == runner.files_digest(
+        PROJECT_ROOT / "data" / "classifiers" / "mnist")
+    [weights] = unet.glob("*.safetensors")
+    save_file({name: t + 0.01 if t.is_floating_point() else t for name, t in load_file(weights).items()}, weights)  # same settings
+    assert study_main(argv) == 0
+    assert len(list((runs_dir / "baseline-s0" / runner.EVALUATIONS).glob("*.json"))) == 2  # scored again, not read back
+
+
 def test_a_run_recorded_before_a_config_key_existed_counts_as_trained(tmp_path: Path) -> None:
     """A key added to the config since a run was recorded reads as its default, so the run is not trained again;
     a recorded config that differs in a value is another run, and is trained (here: the launcher ``false`` fails)."""
@@ -274,6 +318,17 @@ def test_a_run_recorded_before_a_config_key_existed_counts_as_trained(tmp_path: 
     (out / "study-run.json").write_text(json.dumps({"config": recorded, "train_s": 12.5, "exit": 0}))
     with pytest.raises(RuntimeError, match="failed with exit status 1"):
         runner.train_run(cfg, launcher="false")
+
+
+def test_a_training_that_refuses_its_config_is_bad_input_and_any_other_failure_a_crash(tmp_path: Path) -> None:
+    """The trainer's exit 2 (bad input, which it has explained in one line) ends the study with one line, exit 2;
+    any other failure (3: diverged, 1: a crash) keeps its traceback. The old code made both a RuntimeError."""
+    cfg = runner.run_config(sets.load_set("mnist"), "baseline", 0, tmp_path)
+    with pytest.raises(ConfigError, match=r"^training .*baseline-s0 refused its config \(exit status 2, the error above\)"):
+        runner.train_run(cfg, launcher="sh -c 'exit 2' sh")
+    with pytest.raises(RuntimeError, match="failed with exit status 3") as failed:
+        runner.train_run(cfg, launcher="sh -c 'exit 3' sh")
+    assert not isinstance(failed.value, ConfigError)
 
 
 def test_aggregate_means_deviations_and_marked_differences() -> None:

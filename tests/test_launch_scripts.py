@@ -6,6 +6,7 @@ gcloud and docker first on PATH that record any call, so they prove nothing is c
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -122,14 +123,24 @@ def vm_flags(command: list[str]) -> dict[str, str]:
     return dict(flag.split("=", 1) if "=" in flag else (flag, "") for flag in command[5:])
 
 
+def vm_metadata(flags: dict[str, str]) -> dict[str, str]:
+    """The instance metadata of ``--metadata=^;^key=value;...`` (';' separates the items, as gcloud reads it)."""
+    return dict(item.split("=", 1) for item in flags["--metadata"].removeprefix("^;^").split(";"))
+
+
+def encoded(args: list[str]) -> str:
+    """The trainer's arguments as create_vm.sh puts them in the metadata: NUL-separated, then base64."""
+    return base64.b64encode(b"".join(arg.encode() + b"\0" for arg in args)).decode()
+
+
 def test_create_vm_dry_run_spot_and_on_demand(no_cloud: dict[str, str]) -> None:
     [spot] = dry_run("launch/gcp/create_vm.sh", no_cloud, "--train.max_steps", "1000", "--model.channel_mult", "1,2", SPOT="1")
     flags = vm_flags(spot)
     assert flags["--provisioning-model"] == "SPOT" and flags["--instance-termination-action"] == "STOP"
     assert flags["--machine-type"] == "g2-standard-8" and "--accelerator" not in flags  # G2 comes with its L4
-    metadata = dict(item.split("=", 1) for item in flags["--metadata"].removeprefix("^;^").split(";"))
+    metadata = vm_metadata(flags)
     assert metadata["image"] == IMAGE and metadata["run-uri"] == "gs://proj-ddpm/runs/c10"
-    assert metadata["train-args"] == "--train.max_steps 1000 --model.channel_mult 1,2"
+    assert metadata["train-args-base64"] == encoded(["--train.max_steps", "1000", "--model.channel_mult", "1,2"])
     scripts = dict(item.split("=", 1) for item in flags["--metadata-from-file"].split(","))
     assert scripts == {"startup-script": str(REPO / "launch/gcp/vm_startup.sh"), "shutdown-script": str(REPO / "launch/gcp/vm_shutdown.sh")}
 
@@ -145,7 +156,7 @@ UPLOAD = [["gcloud", "storage", "rsync", "--recursive", r"--exclude=(^|/)\.tmp-|
           ["gcloud", "storage", "rsync", "--recursive", r"--exclude=^(?!checkpoints/step_\d{8}/manifest\.json$)", "/var/lib/ddpm/runs/c10",
            "gs://b/runs/c10"]]
 VM_META = {"META_image": IMAGE, "META_run_name": "c10", "META_run_uri": "gs://b/runs/c10", "META_config": "configs/mnist.yaml",
-           "META_train_args": "--train.max_steps 10"}
+           "META_train_args_base64": encoded(["--train.max_steps", "10"])}
 
 
 def test_vm_scripts_checkpoint_on_shutdown_and_resume_on_boot(no_cloud: dict[str, str]) -> None:
@@ -155,6 +166,26 @@ def test_vm_scripts_checkpoint_on_shutdown_and_resume_on_boot(no_cloud: dict[str
     assert run[run.index(IMAGE) + 1:] == ["launch/node.sh", "--config", "configs/mnist.yaml", "--train.output_dir", "runs/c10",
                                           "--resume", "latest", "--train.max_steps", "10"]
     assert dry_run("launch/gcp/vm_shutdown.sh", no_cloud, **VM_META) == [["docker", "stop", "--time=20", "ddpm-train"], *UPLOAD]
+
+
+@pytest.mark.parametrize("args", [["--model.channel_mult", "[1, 2, 2]", "--data.dataset", "/data/my set"],
+                                  ["--data.dataset", "/data/a;b,c=d", "--data.label_column", "", "--train.lr", "1e-4"], []],
+                         ids=["spaces", "separators-and-empty", "none"])
+def test_train_args_reach_the_trainer_on_the_vm_whole(no_cloud: dict[str, str], args: list[str]) -> None:
+    """What create_vm.sh puts in the metadata is what vm_startup.sh reads back: each argument whole, not split at its
+    spaces (the old ``train-args`` was joined with spaces and split again, so the trainer got ``[1,`` ``2,`` ``2]``)."""
+    [create] = dry_run("launch/gcp/create_vm.sh", no_cloud, *args)
+    metadata = {f"META_{key.replace('-', '_')}": value for key, value in vm_metadata(vm_flags(create)).items()}
+    startup = dry_run("launch/gcp/vm_startup.sh", no_cloud, **metadata)
+    [run] = [c for c in startup if c[:2] == ["docker", "run"]]
+    assert run[run.index("latest") + 1:] == args
+
+
+def test_vm_startup_refuses_train_args_that_are_not_base64(no_cloud: dict[str, str]) -> None:
+    result = subprocess.run([str(REPO / "launch/gcp/vm_startup.sh"), "--dry-run"], env={**no_cloud, **VM_META,
+                            "META_train_args_base64": "--train.max_steps 10"}, capture_output=True, text=True)
+    assert result.returncode == 1 and "train-args-base64 is not base64" in result.stderr
+    assert result.stdout.splitlines() == ["poweroff "] and not Path(no_cloud["CALLED"]).exists()  # nothing else ran
 
 
 def test_vm_restore_skips_temporary_and_incomplete_checkpoints(no_cloud: dict[str, str], tmp_path: Path) -> None:

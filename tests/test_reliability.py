@@ -237,3 +237,253 @@ def test_bad_input_on_two_processes_through_node_sh_is_one_line_without_a_launch
     assert result.returncode != 0
     assert result.stderr.count("train.batch_size 7 must be divisible by processes x accumulation steps = 2") == 1, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+
+
+# ---- issue 24, round two (r24a): run directories, exports, checkpoints, clocks ----------------------------------------
+
+R24A_RUN = [*TINY_MODEL, "--data.dataset", str(MNIST), "--data.max_samples", "64", "--train.batch_size", "8",
+            "--train.sample_every", "none", "--sample.num_inference_steps", "1", "--sample.guidance_scale", "1"]  # a fast card grid
+
+
+def r24a_args(output_dir: Path, *overrides: str) -> list[str]:
+    """``train.py`` arguments for a tiny in-process run in ``output_dir``."""
+    return [*R24A_RUN, "--train.output_dir", str(output_dir), *overrides]
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``error:`` lines of a captured stderr (after a progress bar's carriage returns)."""
+    return [line.split("error: ", 1)[1] for line in err.splitlines() if "error: " in line]
+
+
+def test_a_pipeline_directory_that_is_not_an_export_is_refused_before_any_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``output_dir/pipeline`` holding the user's code, no checkpoints: exit 2 at the start, one line naming it and the
+    fix, the code kept, nothing trained (the old code trained and then replaced pipeline/ with its export, exit 0)."""
+    from pipeline.train import main
+
+    mine = tmp_path / "pipeline" / "my_code.py"
+    mine.parent.mkdir()
+    mine.write_text("print('mine')\n")
+    assert main(r24a_args(tmp_path, "--train.max_steps", "1")) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"{tmp_path / 'pipeline'} exists and is not an export (no model_index.json)"), line
+    assert "pick another train.output_dir" in line
+    assert mine.read_text() == "print('mine')\n" and [p.name for p in mine.parent.iterdir()] == ["my_code.py"]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in the middle of the final export."""
+
+
+def test_a_resume_after_a_kill_during_the_final_export_exports_the_final_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while exporting the last step: ``--resume latest`` at the budget writes that step's export (the old code
+    said ``finished`` and left pipeline/ at step 2 of 3), and when pipeline/ is missing too; a resume that finds the
+    final export in place leaves it alone."""
+    import shutil
+
+    import pipeline.export
+    from pipeline.config import load_config
+    from pipeline.training import train
+
+    save_export = pipeline.export.save_export
+
+    def killed_at_step_3(pipe: object, directory: Path, record: object = None) -> None:
+        if record is not None and record.step == 3:
+            raise Killed
+        save_export(pipe, directory, record)
+
+    cfg = load_config(None, r24a_args(tmp_path, "--train.max_steps", "3", "--train.checkpoint_every", "1",
+                                      "--train.export_every", "2"))
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.export, "save_export", killed_at_step_3)
+        with pytest.raises(Killed):
+            train(cfg)
+    card = tmp_path / "pipeline" / "README.md"
+    assert "- Steps: 2 optimizer steps" in card.read_text() and list_checkpoints(tmp_path)[-1].name == "step_00000003"
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "running"
+
+    assert train(cfg, "latest") == 0
+    assert "- Steps: 3 optimizer steps" in card.read_text()
+    assert json.loads((tmp_path / "pipeline" / "training.json").read_text()) == {"step": 3, "images_seen": 24}
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "finished", "step": 3}
+    weights = tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert train(cfg, "latest") == 0 and weights.stat().st_mtime_ns == written  # current: not exported again
+    shutil.rmtree(tmp_path / "pipeline")  # killed between the swap's two renames
+    assert train(cfg, "latest") == 0 and "- Steps: 3 optimizer steps" in card.read_text()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """ENOSPC inside save_checkpoint (here from the EMA file's write, after save_state wrote the rest): exit 1, one line
+    naming the disk and the last good checkpoint, the partial ``.tmp-step_N`` removed; after that ``--resume latest``
+    finishes (the old code raised the OSError with its traceback and left the partial directory). Any other error in
+    the write keeps its traceback, and its partial directory goes too."""
+    import errno
+    from collections.abc import Callable
+
+    import pipeline.checkpointing
+    from pipeline.train import main
+
+    save_file = pipeline.checkpointing.save_file
+
+    def fails_at_step_4(error: Exception) -> Callable[[dict, Path], None]:
+        def write(tensors: dict, path: Path) -> None:
+            if "step_00000004" in str(path):
+                Path(path).write_bytes(b"\0" * 100)  # the part that fitted
+                raise error
+            save_file(tensors, path)
+        return write
+
+    args = r24a_args(tmp_path / "full", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.checkpointing, "save_file", fails_at_step_4(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    assert line.startswith(f"the disk holding {tmp_path / 'full'} is full (or over quota;"), line
+    assert "checkpoint step_00000004 could not be written (OSError: [Errno 28] No space left on device)" in line
+    assert f"last good checkpoint: {tmp_path / 'full' / 'checkpoints' / 'step_00000002'};" in line and "--resume latest" in line
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step_00000002"]  # no .tmp-step_00000004
+    assert main([*args, "--resume", "latest"]) == 0
+    assert json.loads((tmp_path / "full" / "status.json").read_text()) == {"status": "finished", "step": 4}
+
+    args = r24a_args(tmp_path / "bug", "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="a bug in the writer"):
+        patch.setattr(pipeline.checkpointing, "save_file", fails_at_step_4(RuntimeError("a bug in the writer")))
+        main(args)
+    assert [p.name for p in (tmp_path / "bug" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full")
+def test_the_disk_full_error_of_torch_is_recognised() -> None:
+    """What torch.save (which save_state uses for the optimizer, LR schedule and RNG states) raises on a full disk is
+    recognised: a RuntimeError ``unexpected pos`` without the OSError. /dev/full fails every write with ENOSPC. (Not
+    safetensors' save_file: it writes a temporary file and renames it over the target, which would replace /dev/full
+    when run as root.) An unrelated error is not recognised."""
+    from pipeline.checkpointing import is_disk_full
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.save(torch.zeros(1 << 20), "/dev/full")
+    assert is_disk_full(caught.value), repr(caught.value)
+    assert not is_disk_full(RuntimeError("size mismatch for conv.weight"))
+
+
+def test_a_wall_clock_jump_does_not_end_the_run_at_max_minutes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time.time()`` jumps six hours forward after the first step (NTP, say): a run with ``max_minutes`` 60 trains
+    to its step budget (the old code measured wall time and stopped at step 1, exit 75)."""
+    import time
+
+    import pipeline.training.loop
+    from pipeline.config import load_config
+    from pipeline.training import train
+
+    wall, train_step, stepped = time.time, pipeline.training.loop.train_step, []
+
+    def first_step_then_jump(*args: object) -> torch.Tensor:
+        stepped.append(True)
+        return train_step(*args)
+
+    monkeypatch.setattr(pipeline.training.loop, "train_step", first_step_then_jump)
+    monkeypatch.setattr(time, "time", lambda: wall() + (6 * 3600 if stepped else 0))
+    cfg = load_config(None, r24a_args(tmp_path, "--train.max_steps", "3", "--train.log_every", "1", "--train.max_minutes", "60"))
+    assert train(cfg) == 0
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "finished", "step": 3}
+
+
+# ---- issue 24, round two (r24c): data decoding and labels, the evaluate and study command lines -----------------------
+
+
+def r24c_labelled(path: Path, labels: list, feature: datasets.features.features.FeatureType) -> Path:
+    """A ``save_to_disk`` data set of real MNIST digits with ``labels`` (an empty list: no rows)."""
+    digits = datasets.load_dataset(str(MNIST), split="test").select(range(len(labels)))
+    features = datasets.Features({"image": datasets.Image(), "label": feature})
+    datasets.Dataset.from_dict({"image": digits["image"], "label": labels}, features=features).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("labels", "feature", "message"),
+    [
+        ([0, 1, 2, 999_999, 4, 5, 6, 7], datasets.Value("int64"), "label 999999 at row 3 (0-based) of 'label' would make 1000000 classes"),
+        ([0, 1, None, 3], datasets.ClassLabel(num_classes=10), "1 rows of 'label' have no label (None), the first at row 2 (0-based)"),
+        ([], datasets.ClassLabel(num_classes=10), "split 'train' has no rows; point data.dataset at a data set with images"),
+    ],
+    ids=["stray-label", "none-label", "empty"],
+)
+def test_a_stray_or_missing_label_or_an_empty_data_set_is_one_line_exit_2(tmp_path: Path, labels: list, feature: object,
+                                                                          message: str, capsys: pytest.CaptureFixture) -> None:
+    """The trainer's command line on such data: exit 2 and one line naming the label and its row (the old code trained
+    a million-class model, or ended in a traceback, exit 1), nothing trained."""
+    from pipeline.train import main
+
+    data = r24c_labelled(tmp_path / "data", labels, feature)
+    run = tmp_path / "run"
+    assert main([*TINY_MODEL, "--data.dataset", str(data), "--train.batch_size", "4", "--train.max_steps", "1",
+                 "--train.sample_every", "none", "--train.output_dir", str(run)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert message in line, line
+    assert not list_checkpoints(run)
+
+
+def r24c_cli(command: str, argv: list[str]) -> int:
+    """``python -m pipeline.evaluation`` (``command`` evaluate) or ``python -m pipeline.study`` (``command`` study)."""
+    if command == "study":
+        from pipeline.study.__main__ import main as study_main
+
+        return study_main(argv)
+    from pipeline.evaluation.__main__ import main as evaluation_main
+
+    return evaluation_main(["evaluate", *argv])
+
+
+@pytest.mark.parametrize(
+    ("command", "patched", "error"),
+    [
+        ("evaluate", "pipeline.sampling.saved_run_config", ValueError("a bug deep in evaluation")),
+        ("study", "pipeline.study.runner.run_study", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        ("study", "pipeline.study.runner.run_study", RuntimeError("a bug deep in the study")),
+    ],
+    ids=["evaluate-value-error", "study-cuda-oom", "study-runtime-error"],
+)
+def test_evaluate_and_study_keep_the_traceback_of_an_error_at_run_time(command: str, patched: str, error: Exception, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError or RuntimeError (CUDA out of memory included) raised at run time is a crash with its traceback, exit
+    1, not "bad input" (the old code printed it as one line and exited 2)."""
+    def fails(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(patched, fails)
+    argv = ["--dataset", "data/mnist"] if command == "evaluate" else ["--set", "mnist", "--out", str(tmp_path), "--runs-dir", str(tmp_path)]
+    with pytest.raises(type(error), match=str(error).split(".")[0]):
+        r24c_cli(command, argv)
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "message"),
+    [
+        ("evaluate", ["--pipeline", "{tmp}/absent"], "--pipeline {tmp}/absent is not an exported pipeline (no model_index.json)"),
+        ("evaluate", ["--dataset", "data/mnist", "--ref-samples", "some"], "--ref-samples must be a row count >= 1 or 'all', got 'some'"),
+        ("evaluate", ["--dataset", "data/mnist", "--metrics", "accuracy,bogus"], "unknown metric(s) bogus; choose from"),
+        ("evaluate", ["--pipeline", "data/pretrained/cifar10-cpu", "--classifier", "mnist", "--metrics", "accuracy"],
+         "the pipeline's classes ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'] "
+         "differ from the classifier's ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']"),
+        ("study", ["--set", "mnist", "--seeds", "0,x"], "--seeds must be distinct integers >= 0 separated by commas"),
+        ("study", ["--set", "mnist", "--per-class", "0", "--runs", "nope"], "--per-class must be >= 1, got 0"),
+        ("study", ["--set", "mnist", "--budget-steps", "0", "--runs", "nope"], "--budget-steps must be >= 1, got 0"),
+    ],
+    ids=["absent-pipeline", "ref-samples", "metric", "class-mismatch", "seeds", "per-class-0", "budget-0"],
+)
+def test_evaluate_and_study_refuse_bad_input_in_one_line(command: str, argv: list[str], message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad flags stay one line, exit 2, now that only ``ConfigError`` is caught (the old code took 0 for "the set's
+    value", and printed int()'s or the hub client's message)."""
+    monkeypatch.chdir(REPO)  # data/pretrained/cifar10-cpu
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    if command == "study":
+        argv += ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    assert r24c_cli(command, argv) == 2
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert message.replace("{tmp}", str(tmp_path)) in line and "Traceback" not in err, err

@@ -9,12 +9,15 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
+# The trainer's arguments travel NUL-separated and base64-encoded (vm_startup.sh decodes them into an array), so each
+# reaches the trainer whole: a value may hold spaces, commas or ';' (--model.channel_mult "[1, 2, 2]", a path).
+train_args=$(if [ "${#overrides[@]}" -gt 0 ]; then printf '%s\0' "${overrides[@]}"; fi | base64 | tr -d '\n')
 flags=(--project="$PROJECT" --zone="$ZONE" --machine-type="$MACHINE_TYPE"
   --image-family="${VM_IMAGE_FAMILY:-common-cu128-ubuntu-2204-nvidia-570}"
   --image-project="${VM_IMAGE_PROJECT:-deeplearning-platform-release}"
   --boot-disk-size="${DISK_GB:-200}GB" --scopes=cloud-platform
-  # '^;^' makes ';' the separator (gcloud topic escaping), so values may hold commas (--model.channel_mult 1,2).
-  "--metadata=^;^install-nvidia-driver=True;image=$IMAGE;run-name=$RUN_NAME;run-uri=$RUN_URI;config=$CONFIG;sync-every=${SYNC_EVERY:-300};train-args=${overrides[*]}"
+  # '^;^' makes ';' the separator (gcloud topic escaping), so values may hold commas; base64 holds no ';'.
+  "--metadata=^;^install-nvidia-driver=True;image=$IMAGE;run-name=$RUN_NAME;run-uri=$RUN_URI;config=$CONFIG;sync-every=${SYNC_EVERY:-300};train-args-base64=$train_args"
   --metadata-from-file="startup-script=$REPO_ROOT/launch/gcp/vm_startup.sh,shutdown-script=$REPO_ROOT/launch/gcp/vm_shutdown.sh")
 # A2, A3 and G2 machine types come with their GPUs; N1 machines get them attached.
 if [[ $MACHINE_TYPE == n1-* ]]; then flags+=(--accelerator="type=$ACCELERATOR_TYPE,count=$ACCELERATOR_COUNT"); fi

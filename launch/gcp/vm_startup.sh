@@ -11,14 +11,23 @@ DRY_RUN=0
 if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; fi
 run() { if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 meta() {  # meta KEY: an attribute create_vm.sh set on the instance
-  if [ "$DRY_RUN" = 1 ]; then local var="META_${1//-/_}"; echo "${!var:-<$1>}"; return; fi
+  if [ "$DRY_RUN" = 1 ]; then local var="META_${1//-/_}"; echo "${!var-<$1>}"; return; fi
   curl -fsS -H 'Metadata-Flavor: Google' "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
 }
 
 image=$(meta image)
 run_uri=$(meta run-uri)
 run_name=$(meta run-name)
-read -ra train_args <<<"$(meta train-args)"
+# The trainer's arguments as create_vm.sh encoded them (NUL-separated, then base64), decoded into an array, so that
+# none is split at its spaces or joined with the next.
+args_file=$(mktemp)
+if ! meta train-args-base64 | base64 --decode >"$args_file"; then
+  echo "instance metadata train-args-base64 is not base64; recreate the VM with launch/gcp/create_vm.sh" >&2
+  run poweroff  # nothing to train: stop paying for the GPU
+  exit 1
+fi
+mapfile -d '' -t train_args <"$args_file"
+rm -f "$args_file"
 root=/var/lib/ddpm  # on the boot disk, which a stopped Spot VM keeps
 run_dir=$root/runs/$run_name
 # Two passes: everything but temporary directories, the lock and the manifests; then the manifests, which

@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.names import METRICS, SAMPLING_PRECISIONS
-from pipeline.sample_flags import add_sample_flags, flagged_settings
+from pipeline.sample_flags import add_sample_flags, check_positive, flagged_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +77,7 @@ def _classifier(args: argparse.Namespace) -> int:
         data = load_image_data(DataConfig(dataset=args.dataset, split=args.split))
         print(f"{args.split} accuracy: {accuracy(load_classifier(args.classifier), data):.4f} on {len(data)} images")
         return 0
+    check_positive({"--epochs": args.epochs, "--batch-size": args.batch_size, "--max-samples": args.max_samples, "--lr": args.lr})
     metrics = train_classifier(DataConfig(dataset=args.dataset, max_samples=args.max_samples), args.out, args.device,
                                arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     print(json.dumps(metrics, indent=2))
@@ -91,23 +92,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
     from pipeline.sampling import saved_run_config
 
-    for flag, value in (("--steps", args.num_inference_steps), ("--batch-size", args.batch_size), ("--per-class", args.per_class)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_positive({"--steps": args.num_inference_steps, "--batch-size": args.batch_size, "--per-class": args.per_class})
+    if args.pipeline and not (Path(args.pipeline) / "model_index.json").is_file():
+        raise ConfigError(f"--pipeline {args.pipeline} is not an exported pipeline (no model_index.json); pass a run's "
+                          "pipeline/ folder, e.g. runs/<run>/pipeline")
     cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
     sample = flagged_settings(cfg.sample, args)  # a malformed or invalid flag fails here, before anything is loaded
-    ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
+    ref_samples = _ref_samples(args.ref_samples)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device) if args.pipeline else None
     if pipe is not None:  # a model without a null class fails now, not after the reference statistics
-        pipe.check_guidance(sample.guidance_scale, sample.guidance_interval, sample.guidance_ramp)
+        try:
+            pipe.check_guidance(sample.guidance_scale, sample.guidance_interval, sample.guidance_ramp)
+        except ValueError as error:  # the shipped pipeline's own check (it cannot import ConfigError): bad flags
+            raise ConfigError(str(error)) from None
     evaluator = Evaluator(
         dataset, parse_metrics(args.metrics), args.classifier, DataConfig(dataset=dataset, split=args.ref_split, max_samples=ref_samples),
         device=state.device,
     )
     if pipe is not None and evaluator.classifier is not None and pipe.class_names != evaluator.classifier.config.class_names:
-        raise ValueError(f"the pipeline's classes {pipe.class_names} differ from the classifier's "
+        raise ConfigError(f"the pipeline's classes {pipe.class_names} differ from the classifier's "
                          f"{evaluator.classifier.config.class_names}; pass the matching --dataset/--classifier")
     result = evaluate(pipe, evaluator, args.per_class, sample, args.seed, args.batch_size, args.mixed_precision,
                       not args.no_baselines, args.real_split, state)
@@ -126,11 +131,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ref_samples(text: str) -> int | None:
+    """``--ref-samples``: a row count >= 1, or ``all`` (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--ref-samples must be a row count >= 1 or 'all', got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """0 when done; 2 with one line for bad input (``ConfigError``); anything else is a bug and keeps its traceback."""
     args = _parser().parse_args(argv)
     try:
         return _classifier(args) if args.command == "classifier" else _evaluate(args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

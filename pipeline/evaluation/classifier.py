@@ -33,6 +33,7 @@ from torch import nn
 
 from pipeline.config import DataConfig
 from pipeline.data import ImageData, flip_where, load_image_data, translate_where
+from pipeline.errors import ConfigError
 from pipeline.names import PROJECT_ROOT
 
 COMMITTED = PROJECT_ROOT / "data" / "classifiers"
@@ -151,18 +152,28 @@ class ImageClassifier(ModelMixin, ConfigMixin):
         whitening.weight.copy_(torch.cat([filters, -filters]))
 
 
-def load_classifier(name: str | Path = "mnist", device: str | torch.device | None = None) -> ImageClassifier:
-    """A trained classifier in eval mode: a committed one by name (``"mnist"`` = ``data/classifiers/mnist``)
-    or any directory written by ``train_classifier``."""
+class ClassifierNotFound(ConfigError, FileNotFoundError):
+    """No classifier under the name or directory given: bad input (one line, exit 2), and a missing file."""
+
+
+def classifier_dir(name: str | Path = "mnist") -> Path:
+    """The directory of a classifier: ``name`` itself, else the committed one (``"mnist"`` = ``data/classifiers/mnist``)."""
     path = Path(name)
     if not path.is_dir():
         path = COMMITTED / str(name)
     if not (path / "config.json").is_file():
         known = sorted(p.name for p in COMMITTED.iterdir() if (p / "config.json").is_file()) if COMMITTED.is_dir() else []
-        raise FileNotFoundError(
+        raise ClassifierNotFound(
             f"no classifier at {name!r}; committed ones: {', '.join(known) or 'none'}; "
             "train one with: python -m pipeline.evaluation classifier train --dataset DATA --out DIR"
         )
+    return path
+
+
+def load_classifier(name: str | Path = "mnist", device: str | torch.device | None = None) -> ImageClassifier:
+    """A trained classifier in eval mode: a committed one by name (``"mnist"`` = ``data/classifiers/mnist``)
+    or any directory written by ``train_classifier``."""
+    path = classifier_dir(name)
     model = ImageClassifier.from_pretrained(str(path))
     return model.to(device or "cpu").eval()
 

@@ -29,6 +29,7 @@ from accelerate import PartialState
 
 from pipeline.config import DataConfig, SampleConfig
 from pipeline.data import ImageData, load_image_data
+from pipeline.errors import ConfigError
 from pipeline.evaluation.classifier import ImageClassifier, load_classifier
 from pipeline.evaluation.fid import ClassifierFeatures, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
 from pipeline.evaluation.inception_score import ImageNetInceptionLogits, InceptionScoreUnavailable, inception_score
@@ -51,9 +52,9 @@ def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"accuracy,fid"`` -> ("accuracy", "fid"), checked against the registry ``pipeline.names.METRICS``."""
     names = tuple(m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip())
     if unknown := [m for m in names if m not in METRICS]:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     if not names:
-        raise ValueError(f"no metric chosen; choose from {', '.join(METRICS)}")
+        raise ConfigError(f"no metric chosen; choose from {', '.join(METRICS)}")
     return names
 
 

@@ -32,6 +32,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"metrics {', '.join(ev['metrics'])}; hardware: {result['hardware']}; "
         f"{result['work_s'] / 60:.0f} min of training and scoring in all.\n",
         _uncertainty(len(result["seeds"])),
+        *_left_out(result.get("left_out", {})),
         f"## Every run at its own sampling settings, against `{result['baseline']}`\n",
         _table(own, ("final_loss", "train_s", "params_M")),
     ]
@@ -43,6 +44,15 @@ def markdown_report(result: dict[str, Any]) -> str:
     data_rows = [row for row in result["rows"] if "seed" not in row]
     sections += ["## The data set's own rows (the seed's Table 2 baselines)\n", markdown_table(data_rows, tuple(COLUMNS), first="run")]
     return "\n".join(sections)
+
+
+def _left_out(left_out: dict[str, str]) -> list[str]:
+    """The report's list of the runs it leaves out (``--report-only``: not trained yet, or trained with another config
+    than the set's), each with its reason; nothing when every run is in."""
+    if not left_out:
+        return []
+    lines = [f"- `{run}`: {reason}" for run, reason in left_out.items()]
+    return ["**Left out of this report** (the tables and means are over the other runs):\n", "\n".join(lines) + "\n"]
 
 
 # Student's t at 97.5 %, by degrees of freedom: how many standard errors a 95 % test of a mean needs.

@@ -26,7 +26,8 @@ import torch
 from pipeline.checkpointing import list_checkpoints
 from pipeline.config import Config, DataConfig, SampleConfig, decode, load_config
 from pipeline.errors import ConfigError
-from pipeline.evaluation.metrics import Evaluator, evaluate, hardware
+from pipeline.evaluation.classifier import ClassifierNotFound, classifier_dir
+from pipeline.evaluation.metrics import Evaluator, classifier_name, evaluate, hardware
 from pipeline.names import PROJECT_ROOT
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.study.report import draw_figures, markdown_report
@@ -86,6 +87,8 @@ def train_run(cfg: Config, launcher: str) -> float:
     progress_file.write_text(json.dumps({"config": wanted, "started": started, "train_s": before, "starts": starts}) + "\n")
     code = subprocess.call(command, env={**os.environ, "TQDM_DISABLE": "1"})
     train_s = before + time.time() - started
+    if code == 2:  # bad input, which the trainer has just explained in one line
+        raise ConfigError(f"training {out} refused its config (exit status 2, the error above); fix the set and run the study again")
     if code not in (0, 75) or not (out / "pipeline").is_dir():  # 75: stopped at max_minutes, pipeline exported
         raise RuntimeError(f"training {out} failed with exit status {code}")
     record.write_text(json.dumps({"config": wanted, "train_s": train_s, "exit": code, "starts": starts}, indent=2) + "\n")
@@ -94,12 +97,39 @@ def train_run(cfg: Config, launcher: str) -> float:
 
 
 def same_config(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether a recorded config is ``wanted`` (a JSON-normalised ``Config.to_dict()``); a key added to the config
-    since the record was written reads as its default, which is what that run trained with."""
+    """Whether a recorded config is ``wanted`` (a JSON-normalised ``Config.to_dict()``)."""
+    return not config_differences(recorded, wanted)
+
+
+def config_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``section.key: trained with A, the set now says B`` for each key in which a recorded config differs from
+    ``wanted`` (a JSON-normalised ``Config.to_dict()``). A key added to the config since the record was written reads
+    as its default, which is what that run trained with; ``train.output_dir`` names where the run is, not what it
+    trained, so a run directory moved elsewhere is the same run."""
     try:
-        return json.loads(json.dumps(decode(Config, recorded).to_dict())) == wanted
-    except ConfigError:  # a key since removed or renamed: another config
-        return False
+        trained = json.loads(json.dumps(decode(Config, recorded).to_dict()))
+    except ConfigError as error:  # a key since removed or renamed: another config
+        return [f"the recorded config no longer reads ({error})"]
+    return [f"{section}.{key}: trained with {json.dumps(trained[section][key])}, the set now says {json.dumps(value)}"
+            for section, values in wanted.items() for key, value in values.items()
+            if trained[section][key] != value and (section, key) != ("train", "output_dir")]
+
+
+def left_out_because(cfg: Config) -> str | None:
+    """For ``--report-only``: why the run ``cfg`` describes cannot be reported (not trained yet; trained with another
+    config than the set's now, naming the keys), also printed (the second on stderr: the set and its run disagree),
+    or None when its recorded training is this config's."""
+    out = Path(cfg.train.output_dir)
+    record = out / "study-run.json"
+    if not record.is_file() or not (out / "pipeline").is_dir():
+        print(f"[study] {out.name}: not trained yet, left out of the report", flush=True)
+        return "not trained yet"
+    if differences := config_differences(json.loads(record.read_text())["config"], json.loads(json.dumps(cfg.to_dict()))):
+        reason = f"trained with another config than the set's ({'; '.join(differences)})"
+        print(f"[study] {out.name}: {reason}; left out of the report (run the study without --report-only to train it "
+              "again)", file=sys.stderr, flush=True)
+        return reason
+    return None
 
 
 def final_loss(run_dir: Path, last: int = 5) -> float | None:
@@ -136,10 +166,11 @@ def evaluate_run(study_set: StudySet, run: str, seed: int, cfg: Config, train_s:
         for sample in sweep.settings(cfg.sample) if run in sweep.runs else []:
             settings.setdefault(_frozen(sample), []).append(name)
     pipe, rows, loss = None, [], final_loss(run_dir)
+    weights = {"unet_sha256": files_digest(run_dir / "pipeline" / "unet"), "classifier_sha256": classifier_digest(dataset)}
     for frozen, sweeps in settings.items():
         sample = SampleConfig(**dict(frozen))
         key = {"dataset": dataset, "reference": dataclasses.asdict(reference), "per_class": ev.per_class, "seed": ev.seed,
-               "metrics": list(ev.metrics), "mixed_precision": ev.mixed_precision, "sample": dataclasses.asdict(sample)}
+               "metrics": list(ev.metrics), "mixed_precision": ev.mixed_precision, "sample": dataclasses.asdict(sample), **weights}
 
         def score(sample: SampleConfig = sample) -> dict[str, Any]:
             nonlocal pipe
@@ -164,9 +195,31 @@ def evaluator(evaluators: dict[str, Any], dataset: str, ev: Evaluation, device: 
     return evaluators[dataset]
 
 
+def files_digest(folder: Path, pattern: str = "*.safetensors") -> str | None:
+    """SHA-256 over the names and contents of the files matching ``pattern`` in ``folder`` (a model's weights), or
+    None where there are none."""
+    files = sorted(folder.rglob(pattern))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            digest.update(f"{path.relative_to(folder).as_posix()}\0{hashlib.file_digest(handle, 'sha256').hexdigest()}\0".encode())
+    return digest.hexdigest()
+
+
+def classifier_digest(dataset: str) -> str | None:
+    """``files_digest`` of the classifier that scores ``dataset`` (the one ``Evaluator`` loads), None where it has none."""
+    try:
+        return files_digest(classifier_dir(classifier_name(dataset)))
+    except ClassifierNotFound:  # only metrics without a classifier can be asked for; the others fail when scored
+        return None
+
+
 def cached(folder: Path, key: dict[str, Any], score: Callable[[], Any]) -> Any:
-    """``score()``, kept in ``<folder>/evaluations/`` under a hash of ``key`` (everything that decides the numbers)
-    and read from there when present."""
+    """``score()``, kept in ``<folder>/evaluations/`` under a hash of ``key`` (everything that decides the numbers:
+    the settings, and the SHA-256 of the model's and the classifier's weights, so that weights replaced behind the
+    study's back are scored again) and read from there when present."""
     path = folder / EVALUATIONS / f"{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())["row"]
@@ -184,26 +237,28 @@ def run_study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, rep
     ev = study_set.evaluate
     device = "cuda" if torch.cuda.is_available() else "cpu"
     evaluators: dict[str, Any] = {}
-    rows, first_seed = [], {}
+    rows, first_seed, left_out = [], {}, {}
     started = time.time()
     for run in study_set.runs:
         for seed in study_set.seeds:
             # Train the run (or find it trained), then evaluate it (or find its evaluations).
             cfg = run_config(study_set, run, seed, runs_dir, dataset)
             if report_only:
-                record = Path(cfg.train.output_dir) / "study-run.json"
-                if not record.is_file():
-                    print(f"[study] {run}-s{seed}: not trained yet, left out of the report", flush=True)
+                if reason := left_out_because(cfg):
+                    left_out[f"{run}-s{seed}"] = reason
                     continue
-                train_s = json.loads(record.read_text())["train_s"]
+                train_s = json.loads((Path(cfg.train.output_dir) / "study-run.json").read_text())["train_s"]
             else:
                 train_s = train_run(cfg, launcher)
             rows += evaluate_run(study_set, run, seed, cfg, train_s, evaluators, device)
             first_seed.setdefault(run, (Path(cfg.train.output_dir), cfg))
+    if not first_seed:
+        raise ConfigError(f"no run of set {study_set.name!r} is trained with the set's config, so there is nothing to report: "
+                          "run the study without --report-only")
     # The data sets' own rows (the seed's Table 2): uniform noise and real test images, scored the same way.
     for data in dict.fromkeys(row["dataset"] for row in rows):
         key = {"dataset": data, "reference": dataclasses.asdict(reference_data(data, ev)), "per_class": ev.per_class,
-               "seed": ev.seed, "metrics": list(ev.metrics), "baselines": True}
+               "seed": ev.seed, "metrics": list(ev.metrics), "baselines": True, "classifier_sha256": classifier_digest(data)}
         for row in cached(runs_dir, key, lambda data=data: evaluate(None, evaluator(evaluators, data, ev, device), ev.per_class,
                                                                      seed=ev.seed)["rows"]):
             rows.append({"run": row.pop("name"), "dataset": data, **row})
@@ -211,7 +266,7 @@ def run_study(study_set: StudySet, out: Path, runs_dir: Path, launcher: str, rep
     result = {"set": study_set.name, "budget": budget, "seeds": study_set.seeds, "evaluate": dataclasses.asdict(ev),
               "baseline": study_set.baseline, "sweeps": {name: dataclasses.asdict(s) for name, s in study_set.sweeps.items()},
               "hardware": hardware(), "launcher": launcher.replace(shlex.quote(sys.executable), "python"),  # no machine path in results
-              "wall_s": round(time.time() - started, 1), "work_s": round(work_seconds(rows), 1), "rows": rows}
+              "wall_s": round(time.time() - started, 1), "work_s": round(work_seconds(rows), 1), "left_out": left_out, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown_report(result))

@@ -17,7 +17,7 @@ from diffusers.training_utils import EMAModel
 
 from pipeline.checkpointing import save_checkpoint, save_loop_state
 from pipeline.config import Config
-from pipeline.export import export_pipeline
+from pipeline.export import export_pipeline, exported_step
 from pipeline.model_card import TrainingRecord
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
@@ -53,13 +53,14 @@ def checkpoint(state: TrainingState, cfg: Config) -> None:
                     lambda directory: save_loop_state(directory, state.ema, state.progress, cfg))
 
 
-def export(state: TrainingState, cfg: Config) -> None:
-    """The EMA model as ``<output_dir>/pipeline``, with its model card."""
-    accelerator = state.accelerator
-    if accelerator.is_main_process:
+def export(state: TrainingState, cfg: Config, unless_current: bool = False) -> None:
+    """The EMA model as ``<output_dir>/pipeline``, with its model card; with ``unless_current``, only if
+    ``pipeline/`` does not hold this step already (``training.json``)."""
+    accelerator, output_dir = state.accelerator, Path(cfg.train.output_dir)
+    if accelerator.is_main_process and not (unless_current and exported_step(output_dir / "pipeline") == state.progress.step):
         accelerator.get_tracker("tensorboard", unwrap=True).flush()  # the model card reads the last eval/* metrics
         record = TrainingRecord.of_this_process(cfg, state.progress.step, state.progress.images_seen)
-        export_pipeline(ema_unet(state.ema, state.unet), state.noise_scheduler, Path(cfg.train.output_dir), record)
+        export_pipeline(ema_unet(state.ema, state.unet), state.noise_scheduler, output_dir, record)
     accelerator.wait_for_everyone()
 
 

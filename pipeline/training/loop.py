@@ -155,6 +155,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
             if stop_reason or due(progress.step, cfg.train.export_every):
                 export(state, cfg)
 
+        # A run that ends at its budget leaves the final step's export: a resume at the budget (killed during the final
+        # export, say) writes it if pipeline/ is missing or older, so `finished` always comes with the final export.
+        if stop_reason == "finished":
+            export(state, cfg, unless_current=True)
+
         # Close the logs, then record how the run ended for job scripts.
         meter.bar.close()
         accelerator.end_training()

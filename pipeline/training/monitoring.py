@@ -45,7 +45,8 @@ class FiniteGuard:
 
 class Meter:
     """The loop's logging state: the progress bar, the loss summed on the device since the last log (read, a host
-    sync, only when logging), the last gradient norm, and the step, images seen and time of the last log."""
+    sync, only when logging), the last gradient norm, and the step, images seen and time of the last log. Times are
+    ``time.monotonic()``: the wall clock set forward (NTP stepping it, say) must not end a run early at ``max_minutes``."""
 
     def __init__(self, accelerator: Accelerator, progress: Progress, max_steps: int | None):
         self.bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
@@ -53,7 +54,7 @@ class Meter:
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.accumulation = accelerator.gradient_accumulation_steps
         self.grad_norm: torch.Tensor | None = None  # set where gradients are clipped (train.max_grad_norm)
-        self.started = self.logged_at = time.time()
+        self.started = self.logged_at = time.monotonic()
         self.logged_step, self.logged_images = progress.step, progress.images_seen
 
     def add(self, loss: torch.Tensor) -> None:
@@ -62,7 +63,7 @@ class Meter:
 
     def minutes(self) -> float:
         """Minutes since this start began training."""
-        return (time.time() - self.started) / 60
+        return (time.monotonic() - self.started) / 60
 
     def watched(self) -> list[torch.Tensor]:
         """The tensors ``FiniteGuard`` checks every step: the loss sum and the gradient norm."""
@@ -73,7 +74,7 @@ class Meter:
         last log, then the learning rate, epoch, EMA decay, gradient norm and (CUDA) peak memory."""
         accelerator, progress = state.accelerator, state.progress
         lr, ema_decay = state.lr_scheduler.get_last_lr()[0], state.ema.cur_decay_value or 0.0
-        now = time.time()
+        now = time.monotonic()
         logs = {
             "train/loss": accelerator.reduce(self.loss_sum, reduction="mean").item() / (progress.step - self.logged_step),
             "train/lr": lr,
