@@ -6,6 +6,7 @@ setup(
     name="conditional-ddpm-pipeline",
     version="0.1.0",
     description="Class-conditional DDPM training and sampling on diffusers and Accelerate",
+    license="Apache-2.0",  # LICENSE; model cards release the weights under it (pipeline/model_card.py)
     packages=find_packages(include=["pipeline", "pipeline.*", "bench"]),
     python_requires=">=3.10",
     install_requires=[

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from bench.train_throughput import Levers, interleaved, measure, ours
+from pipeline.config_decoding import choice_flag
 
 # name: (what the row changes, its options)
 LEVERS = {
@@ -51,7 +52,7 @@ def one(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="mnist", choices=["mnist", "cifar10"])
+    parser.add_argument("--shape", default="mnist", **choice_flag(["mnist", "cifar10"]))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)

@@ -14,7 +14,10 @@ The ``vs floor`` column compares each row's time per image with the model-forwar
 evaluations times the time of one batched forward of the U-Net (both guidance halves, the same precision and
 chunk), so it shows what the sampler, scheduler and pipeline add on top of the network itself.
 ``--chunks 10,25,50,100`` instead times one sampler at several chunk sizes and precisions against that floor
-(how ``pipeline.sampling.sampling_batch`` and ``sampling_precision`` were chosen).
+(how ``pipeline.sampling.sampling_batch`` and the pipeline's ``mixed_precision="auto"`` were chosen).
+``--readme-call`` times the README's sampling call, ``pipe(class_labels=[two names], num_images_per_label=k,
+guidance_scale=3.0, num_inference_steps=20).images`` on the pipeline as loaded, against ``generate`` with the same
+scheduler, steps and guidance: as written (k = 4) and at ``generate``'s own chunk, interleaved ``--repeats`` times.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pipeline import ConditionalDiffusionPipeline
 from pipeline.config import SampleConfig
+from pipeline.diffusion import SAMPLERS
+from pipeline.errors import ConfigError
 from pipeline.evaluation import Evaluator
 from pipeline.evaluation.metrics import hardware
-from pipeline.sampling import generate, sampling_batch, sampling_precision, saved_run_config
+from pipeline.pipeline_conditional import sampling_autocast
+from pipeline.sample_flags import pipeline_location
+from pipeline.sampling import generate, sampling_batch, saved_run_config
 
 # (sampler, steps): the peer first, then the fast samplers the issue compares
 SCHEDULES = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20), ("dpmsolver++", 10), ("unipc", 10)]
@@ -45,9 +54,8 @@ def forward_floor(pipe: ConditionalDiffusionPipeline, chunk: int, guidance: floa
     x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, device=pipe.device)
     t = torch.full((), 500, device=pipe.device)
     labels = torch.zeros(batch, dtype=torch.long, device=pipe.device)
-    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=sampling_precision(precision, pipe.device) == "bf16")
     times = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), sampling_autocast(precision, pipe.device, pipe.unet.dtype):
         for _ in range(repeats + 1):  # the first call warms up
             started = time.perf_counter()
             pipe.unet(x, t, labels)
@@ -72,6 +80,38 @@ def chunk_sweep(pipe: ConditionalDiffusionPipeline, args: argparse.Namespace) ->
                   f"{per_image / floor:.2f}x |", flush=True)
 
 
+def readme_call(pipe: ConditionalDiffusionPipeline, args: argparse.Namespace) -> None:
+    """Seconds per image of the README's call against ``generate``'s on the same model (median of ``--repeats``)."""
+    chunk = args.batch_size or sampling_batch(pipe.device)
+    names = pipe.class_names[:2]
+    sampler = next(name for name, scheduler in SAMPLERS.items() if type(pipe.scheduler) is scheduler)
+    settings = SampleConfig(sampler=sampler, num_inference_steps=20, guidance_scale=3.0)
+    per_class = max(1, chunk // len(pipe.class_names))
+    pipe.set_progress_bar_config(disable=True)
+    timings: dict[str, list[float]] = {}
+
+    def timed(name: str, images: int, call: Callable[[], object]) -> None:
+        started = time.perf_counter()
+        call()
+        timings.setdefault(name, []).append((time.perf_counter() - started) / images)
+
+    for _ in range(args.repeats):
+        for per_label in (4, chunk // 2):
+            timed(f"README call, {2 * per_label} images", 2 * per_label, lambda k=per_label: pipe(
+                class_labels=names, num_images_per_label=k, guidance_scale=3.0, num_inference_steps=20).images)
+        timed(f"README call, {chunk // 2 * 2} images, mixed_precision='no' (the call before issue 22)", chunk // 2 * 2,
+              lambda: pipe(class_labels=names, num_images_per_label=chunk // 2, guidance_scale=3.0, num_inference_steps=20,
+                           mixed_precision="no").images)
+        timed(f"generate(), {per_class * len(pipe.class_names)} images", per_class * len(pipe.class_names),
+              lambda: generate(pipe, per_class, settings, batch_size=chunk))
+    medians = {name: statistics.median(times) for name, times in timings.items()}
+    reference = medians[next(name for name in medians if name.startswith("generate"))]
+    print(f"{sampler}, 20 steps, guidance 3, chunk {chunk}, median of {args.repeats}")
+    print("| call | s / image | vs generate() |\n|---|---|---|")
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds:.4f} | {seconds / reference:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="an exported pipeline directory (<run>/pipeline)")
@@ -81,13 +121,21 @@ def main() -> None:
     parser.add_argument("--precisions", default="auto", help="auto, no (fp32) and/or bf16 (autocast)")
     parser.add_argument("--batch-size", type=int, help="images per chunk (default: the device's, sampling_batch)")
     parser.add_argument("--chunks", help="time the first schedule at these chunk sizes against the forward floor, e.g. 10,25,50,100")
+    parser.add_argument("--readme-call", action="store_true", help="time the README's pipe(...) call against generate()")
+    parser.add_argument("--repeats", type=int, default=3, help="with --readme-call: interleaved repeats (the median is shown)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    try:
+        pipeline_location(args.pipeline)
+    except ConfigError as error:  # no such folder: one line, not the hub client's id check
+        parser.exit(2, f"error: {error}\n")
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline)
     print(f"{hardware()}, threads={torch.get_num_threads()}; {args.pipeline}, {args.per_class} per class")
     if args.chunks:
         return chunk_sweep(pipe, args)
+    if args.readme_call:
+        return readme_call(pipe, args)
     chunk = args.batch_size or sampling_batch(pipe.device)
     dataset = saved_run_config(args.pipeline).data.dataset
     evaluator = Evaluator(dataset, metrics=("accuracy", "cfid"))

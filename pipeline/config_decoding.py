@@ -17,6 +17,7 @@ Imports only the standard library, draccus and yaml.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import types
@@ -41,10 +42,28 @@ Yaml12Loader.yaml_implicit_resolvers = {
 Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def close_matches(name: str, options: list[str]) -> str:
-    """The fix for a misspelt ``name``: the closest of ``options``, or all of them when none is close."""
-    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+def close_matches(name: str, options: Sequence[str], most: int = 4) -> str:
+    """The fix for a misspelt or shortened ``name``: the ``options`` it starts, then those it is part of (``dpm``:
+    ``dpmsolver++``, ``ddpm``; difflib alone misses ``dpmsolver++``), then the closest by spelling, at most ``most``;
+    or all of them when none is near. The one "did you mean" of every choice: config keys, ``Literal`` values and
+    the command lines' choices (``choice_flag``)."""
+    typed = name.lower()
+    starts = [option for option in options if typed and option.lower().startswith(typed)]
+    within = [option for option in options if typed and typed in option.lower()]
+    near = list(dict.fromkeys([*starts, *within, *difflib.get_close_matches(name, options, n=3, cutoff=0.5)]))[:most]
     return f"did you mean {', '.join(near)}?" if near else f"valid: {', '.join(options)}"
+
+
+def choice_flag(options: Sequence[str]) -> dict[str, Any]:
+    """``argparse`` keywords for a flag taking one of ``options`` (in place of ``choices=``, whose refusal lists them
+    all): ``parser.add_argument("--mixed-precision", **choice_flag(SAMPLING_PRECISIONS))``; anything else is refused
+    with ``close_matches``' fix, exit 2."""
+    def parse(text: str) -> str:
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; {close_matches(text, list(options))}")
+        return text
+
+    return {"type": parse, "metavar": "{" + ",".join(options) + "}"}
 
 
 # The decoders below are registered with include_subclasses=True so that draccus passes them the declared type

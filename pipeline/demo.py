@@ -7,8 +7,10 @@ The page (Gradio, ``pip install -e '.[demo]'``) takes one or more classes by nam
 steps, seed, images per class and, optionally, a guidance ramp and interval (docs/samplers.md), and shows the grid
 (one row per class), the reverse process (the predicted x_0 of the first image of each class at evenly spaced
 steps, as in the seed paper's figure), and a zip of the PNGs.
-Bad input is shown as a message on the page; the server keeps running. The same function is the
-``/generate`` endpoint of the Gradio API (``gradio_client``). One request's work is bounded (``MAX_STEPS``,
+Bad input is a message in the page's status line, in the page's own words (``LABELS``), in place of the last
+result; the server keeps running. The same function is the ``/generate`` endpoint of the Gradio API
+(``gradio_client``), where bad input is an error (``AppError``). The page's title names the pipeline by its run's or
+folder's name, or its hub id, never by a path of this machine. One request's work is bounded (``MAX_STEPS``,
 ``MAX_IMAGES``, ``MAX_IMAGE_STEPS``; a class asked for twice is sampled once) and requests queue one at a time, at most
 ``QUEUE_SIZE`` waiting. Files do not pile up: a request's zip goes when the next one writes its own, Gradio's copies of
 the images and zips after ``CACHE_AGE_S``, and everything when the server stops (Ctrl+C or SIGTERM).
@@ -32,9 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import SampleConfig
+from pipeline.errors import ConfigError
 from pipeline.guidance import GUIDANCE_RAMPS
 from pipeline.names import PROJECT_ROOT, SAMPLER_NAMES
-from pipeline.sample_flags import sample_settings
+from pipeline.sample_flags import is_hub_id, pipeline_location, sample_settings
 
 if TYPE_CHECKING:  # torch, diffusers and gradio are imported once the command line is known to be good
     import PIL.Image
@@ -53,6 +56,15 @@ CACHE_SWEEP_S, CACHE_AGE_S = 600, 3600  # Gradio deletes its copies of the image
 NAME_CHARS = 48  # of a class name in a file name (the index keeps names unique)
 REVERSE_COLUMNS = 8
 DISPLAY_SIZE = 96  # pixels per image on the page (MNIST's 28 would be tiny)
+# What the page calls its fields: each component's label starts with its name here, and the page's messages name the
+# fields so (page_message)
+LABELS = {"classes": "Classes", "guidance_scale": "Guidance scale", "guidance_ramp": "Guidance ramp",
+          "guidance_interval": "Guidance interval", "sampler": "Sampler", "steps": "Steps", "seed": "Seed",
+          "per_class": "Images per class"}
+# the names the shared checks (sampling settings, the pipeline's arguments) give the same fields -> LABELS' keys
+CODE_NAMES = {"class_labels": "classes", "guidance_scale": "guidance_scale", "guidance_ramp": "guidance_ramp",
+              "guidance_interval": "guidance_interval", "sampler": "sampler", "num_inference_steps": "steps",
+              "num_images_per_label": "per_class"}
 
 
 def default_pipeline() -> Path | None:
@@ -80,12 +92,10 @@ class Generator:
 
         from pipeline.sampling import sample_images
 
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
         classes = list(dict.fromkeys(classes or ()))  # a class asked for twice is sampled once
-        steps = _whole(steps, "steps", 1, MAX_STEPS)
-        seed = _whole(seed, "seed", 0, MAX_SEED)
-        per_class = _whole(per_class, "images per class", 1, MAX_PER_CLASS)
+        steps = _whole(steps, LABELS["steps"], 1, MAX_STEPS)
+        seed = _whole(seed, LABELS["seed"], 0, MAX_SEED)
+        per_class = _whole(per_class, LABELS["per_class"], 1, MAX_PER_CLASS)
         _check_work(len(classes), per_class, steps)
         # decoded and checked as the command lines' flags are (ConfigError, a ValueError), then against this model;
         # an empty interval box is every step, not the run's interval
@@ -152,7 +162,7 @@ def _whole(value: object, name: str, lo: int, hi: int) -> int:
 def _check_work(classes: int, per_class: int, steps: int) -> None:
     """ValueError unless one request of ``classes`` x ``per_class`` images at ``steps`` steps is within the caps."""
     if not classes:
-        raise ValueError("no class ticked; tick at least one class")
+        raise ValueError(f"{LABELS['classes']}: none ticked; tick at least one class")
     images = classes * per_class
     if images > MAX_IMAGES:
         raise ValueError(f"{classes} classes x {per_class} images is {images} images, more than one request may ask for "
@@ -173,8 +183,25 @@ def _image(grid: torch.Tensor, scale: int) -> PIL.Image.Image:
     return image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST)
 
 
+def page_message(text: str) -> str:
+    """A refusal as the page shows it: the code's names of its fields (``CODE_NAMES``: ``guidance_interval``,
+    ``class_labels``) replaced by the labels the page shows (``LABELS``: Guidance interval, Classes)."""
+    return re.sub(r"\b(?:" + "|".join(CODE_NAMES) + r")\b", lambda match: LABELS[CODE_NAMES[match[0]]], text)
+
+
+def display_name(location: str | Path) -> str:
+    """What the page calls the pipeline at ``location``: a hub id as it is, a training run's ``pipeline/`` folder by
+    the run's name, any other folder by its own; never a path of this machine."""
+    if is_hub_id(str(location)) and not Path(location).exists():
+        return str(location)
+    folder = Path(location).resolve()
+    return folder.parent.name if folder.name == "pipeline" else folder.name
+
+
 def build_demo(generator: Generator, defaults: SampleConfig, title: str):
-    """The Gradio page around ``generator``."""
+    """The Gradio page around ``generator``. Its button shows a refusal in the status line in place of the last
+    result (images cleared); the ``/generate`` endpoint, the same function behind a hidden button, raises it for the
+    API's clients. Both queue as one: one request at a time."""
     import gradio as gr
 
     pipe = generator.pipe
@@ -182,60 +209,73 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
     def generate(*args):
         try:
             return generator(*args)
-        except ValueError as error:  # bad input: a message on the page, never a dead server
-            raise gr.Error(str(error), print_exception=False) from None
+        except ValueError as error:  # bad input: an error for the API's client, never a dead server
+            raise gr.Error(page_message(str(error)), print_exception=False) from None
+
+    def generate_on_page(*args):
+        try:
+            return generator(*args)
+        except ValueError as error:  # bad input: only the message, in the status line, where the result would be
+            return None, None, None, f"**Error:** {page_message(str(error))}"
 
     with gr.Blocks(title=title, delete_cache=(CACHE_SWEEP_S, CACHE_AGE_S)) as demo:
         gr.Markdown(f"# {title}\nPick one or more classes and press **Generate**. "
                     f"{pipe.unet.config.sample_size}x{pipe.unet.config.sample_size} images, sampled on this machine.")
         with gr.Row():
             with gr.Column(scale=1):
-                classes = gr.CheckboxGroup(pipe.class_names, value=[pipe.class_names[0]], label="Classes", elem_id="classes")
-                guidance = gr.Slider(0.0, 10.0, value=defaults.guidance_scale if pipe.unet.null_class is not None else 1.0,
-                                     step=0.5, label="Guidance scale (1 = none)", interactive=pipe.unet.null_class is not None)
+                classes = gr.CheckboxGroup(pipe.class_names, value=[pipe.class_names[0]], label=LABELS["classes"], elem_id="classes")
                 guided = pipe.unet.null_class is not None
-                ramp = gr.Dropdown(list(GUIDANCE_RAMPS), value=defaults.guidance_ramp, label="Guidance ramp (its mean is the scale)",
-                                   interactive=guided)
+                guidance = gr.Slider(0.0, 10.0, value=defaults.guidance_scale if guided else 1.0, step=0.5,
+                                     label=f"{LABELS['guidance_scale']} (1 = none)", interactive=guided)
+                ramp = gr.Dropdown(list(GUIDANCE_RAMPS), value=defaults.guidance_ramp,
+                                   label=f"{LABELS['guidance_ramp']} (its mean is the scale)", interactive=guided)
                 interval = gr.Textbox(value=",".join(f"{v:g}" for v in defaults.guidance_interval or ()), placeholder="every step",
-                                      label="Guidance interval LO,HI (noise levels sigma guided)", interactive=guided)
-                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.sampler, label="Sampler")
+                                      label=f"{LABELS['guidance_interval']} LO,HI (noise levels sigma guided)", interactive=guided,
+                                      elem_id="interval")
+                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.sampler, label=LABELS["sampler"])
                 # no rounding by Gradio (precision=0 fails on inf and NaN before the check): Generator checks each value
-                steps = gr.Number(value=defaults.num_inference_steps, label=f"Steps (1 to {MAX_STEPS})")
-                seed = gr.Number(value=0, label="Seed")
-                per_class = gr.Slider(1, MAX_PER_CLASS, value=4, step=1, label="Images per class")
+                steps = gr.Number(value=defaults.num_inference_steps, label=f"{LABELS['steps']} (1 to {MAX_STEPS})", elem_id="steps")
+                seed = gr.Number(value=0, label=LABELS["seed"])
+                per_class = gr.Slider(1, MAX_PER_CLASS, value=4, step=1, label=LABELS["per_class"])
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
+                api_button = gr.Button(visible=False)  # the /generate endpoint's trigger: the API's clients call it
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
                 grid = gr.Image(label="Samples (one row per class)", type="pil", format="png", elem_id="grid")
                 strip = gr.Image(label="Reverse process (predicted x_0)", type="pil", format="png", elem_id="reverse")
                 download = gr.File(label="Download the images (zip of PNGs)", elem_id="download")
-        button.click(generate, [classes, guidance, sampler, steps, seed, per_class, ramp, interval], [grid, strip, download, status],
-                     api_name="generate")
+        inputs, outputs = [classes, guidance, sampler, steps, seed, per_class, ramp, interval], [grid, strip, download, status]
+        button.click(generate_on_page, inputs, outputs, api_visibility="private", concurrency_id="generate")
+        api_button.click(generate, inputs, outputs, api_name="generate", concurrency_id="generate")
     return demo
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", type=Path, default=None,
-                        help="an exported pipeline (default: data/pretrained/cifar10-cpu, else runs/quickstart/pipeline)")
+    parser.add_argument("--pipeline", default=None, help="an exported pipeline folder or hub id (default: "
+                                                         "data/pretrained/cifar10-cpu, else runs/quickstart/pipeline)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    folder = args.pipeline or default_pipeline()
-    if folder is None or not (folder / "model_index.json").is_file():
-        where = folder or " or ".join(str(path) for path in DEFAULT_PIPELINES)
-        print(f"error: no exported pipeline at {where}; pass --pipeline DIR (a training run's pipeline/ folder)", file=sys.stderr)
+    try:
+        location = pipeline_location(args.pipeline) if args.pipeline else default_pipeline()
+    except ConfigError as error:  # no such folder, or no export in it: one line (the same check as evaluate's)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if location is None:
+        print(f"error: no exported pipeline at {' or '.join(map(str, DEFAULT_PIPELINES))}; pass --pipeline DIR (a training "
+              "run's pipeline/ folder)", file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
     from pipeline.sampling import saved_run_config
 
-    pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
-    run = saved_run_config(folder)
+    pipe = ConditionalDiffusionPipeline.from_pretrained(location)
+    run = saved_run_config(location)
     signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="ddpm-demo-") as out_dir:  # removed when the server stops
         generator = Generator(pipe, bf16=run.train.mixed_precision == "bf16", out_dir=Path(out_dir))
-        demo = build_demo(generator, run.sample, title=f"Class-conditional DDPM: {folder}")
+        demo = build_demo(generator, run.sample, title=f"Class-conditional DDPM: {display_name(location)}")
         demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE).launch(server_name=args.host, server_port=args.port,
                                                                             allowed_paths=[out_dir])
     return 0

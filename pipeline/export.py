@@ -14,8 +14,9 @@ library, torch, diffusers (and numpy and PIL, which diffusers requires) and the 
 Each writer builds its folder in full beside the target and swaps it in (``pipeline.atomic``), so a crash never
 leaves a half-written export: ``export_pipeline`` (training, and ``python -m pipeline.export RUN_DIR``, which
 rewrites a run's ``pipeline/`` with this checkout's code and a new card), ``publish`` (``--out DIR``: a copy to
-commit or share) and ``update_code`` (``--update-code DIR``: this checkout's code in an export whose weights, config,
-sample grid, metrics and card stay as they are, e.g. the committed ``data/pretrained/`` pipelines). Each replaces
+commit or share), ``update_code`` (``--update-code DIR``: this checkout's code in an export whose weights, config,
+sample grid, metrics and card stay as they are, e.g. the committed ``data/pretrained/`` pipelines) and
+``rewrite_card`` (``--rewrite-card DIR``: a published card written again from the folder's own files). Each replaces
 only an export or an empty directory (``pipeline.atomic.replace_problem``); any other directory is refused, kept.
 
 An export with a model card also records the optimizer step its weights are from (``training.json``), so that a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import shutil
 import sys
@@ -34,12 +36,13 @@ from pathlib import Path
 from diffusers import DiffusionPipeline, SchedulerMixin
 
 from pipeline.atomic import EXPORT_MARKER, rebuilt, replace_problem
-from pipeline.config import SampleConfig, decode
+from pipeline.config import Config, SampleConfig, decode, load_config
 from pipeline.errors import ConfigError
-from pipeline.model_card import TrainingRecord, measured_section, shipped_code, with_shipped_code, write_model_card
+from pipeline.model_card import TrainingRecord, last_metrics, model_card_text, shipped_code, with_shipped_code, write_model_card
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.sampling import saved_run_config
+from pipeline.saving import module_path, relative_imports, write_code
 
 # what a shipped module may import besides the standard library and the files shipped beside it
 SHIPPABLE_PACKAGES = frozenset({"torch", "diffusers", "numpy", "PIL"})
@@ -69,31 +72,20 @@ def exported_step(folder: Path) -> int | None:
 def save_export(pipe: DiffusionPipeline, directory: Path, record: TrainingRecord | None = None) -> None:
     """``pipe.save_pretrained(directory)`` plus the code that opens it in plain diffusers and, with ``record``,
     the model card (``README.md``), its sample grid and ``training.json`` (the step and images seen)."""
-    pipe.save_pretrained(directory)
-    write_code(directory, type(pipe), type(pipe.unet))
+    check_shippable(type(pipe), type(pipe.unet))
+    pipe.save_pretrained(directory)  # with the code that opens it (pipeline.saving.write_code)
     if record is not None:
         write_model_card(pipe, directory, record)
         (directory / TRAINING_FILE).write_text(json.dumps({"step": record.step, "images_seen": record.images_seen}) + "\n")
 
 
-def write_code(directory: Path, pipeline_class: type, unet_class: type) -> None:
-    """Copy ``pipeline_class``'s module with the modules it imports relatively, and ``unet_class``'s module as
-    ``unet/<its name>.py``, into the saved pipeline ``directory``, and name them in its ``model_index.json``."""
-    pipeline_file = Path(sys.modules[pipeline_class.__module__].__file__)
-    for relative in shipped_files(pipeline_file):
-        target = directory / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(pipeline_file.parent / relative, target)
-    unet_file = Path(sys.modules[unet_class.__module__].__file__)
+def check_shippable(pipeline_class: type, unet_class: type) -> None:
+    """ExportError unless plain diffusers can load the code ``pipeline.saving.write_code`` ships for these classes: the
+    pipeline's module with its relative imports (``shipped_files``) and the U-Net's module alone in ``unet/``."""
+    shipped_files(Path(inspect.getfile(pipeline_class)))
+    unet_file = Path(inspect.getfile(unet_class))
     if local_imports(unet_file):
         raise ExportError(f"{unet_file} imports modules beside it; diffusers loads a component from one file")
-    shutil.copyfile(unet_file, directory / "unet" / unet_file.name)
-
-    index_path = directory / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["_class_name"] = [pipeline_file.stem, pipeline_class.__name__]
-    index["unet"] = [unet_file.stem, unet_class.__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def shipped_files(module_file: Path) -> list[Path]:
@@ -116,15 +108,14 @@ def shipped_files(module_file: Path) -> list[Path]:
 def local_imports(module_file: Path) -> list[Path]:
     """The files of ``module_file``'s relative imports (``from .a.b import c`` -> ``a/b.py``); raises ExportError for
     an absolute import outside the standard library and ``SHIPPABLE_PACKAGES``."""
-    tree = ast.parse(module_file.read_text(), filename=str(module_file))
     files = []
-    for node in ast.walk(tree):
+    for level, module in relative_imports(module_file):
+        # diffusers' loader copies ".a" and ".a.b" imports of one level (dynamic_modules_utils.get_cached_module_file)
+        if level > 1 or not module or len(module.split(".")) > 2:
+            raise ExportError(f"{module_file.name}: relative import {'.' * level}{module or ''} cannot be shipped")
+        files.append(module_path(module))
+    for node in ast.walk(ast.parse(module_file.read_text(), filename=str(module_file))):
         if isinstance(node, ast.ImportFrom) and node.level:
-            parts = (node.module or "").split(".")
-            # diffusers' loader copies ".a" and ".a.b" imports of one level (dynamic_modules_utils.get_cached_module_file)
-            if node.level > 1 or not node.module or len(parts) > 2:
-                raise ExportError(f"{module_file.name}: relative import {'.' * node.level}{node.module or ''} cannot be shipped")
-            files.append(Path(*parts).with_suffix(".py"))
             continue
         names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom):
@@ -153,13 +144,15 @@ def export_pipeline(unet: ConditionalUNet, scheduler: SchedulerMixin, output_dir
 def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None) -> None:
     """A copy of a run's pipeline to commit or share: the self-contained export with its card in ``out``, the run's
     config as ``config.yaml`` inside it (so evaluation and figures take its sampler, steps and guidance), the U-Net's
-    weights in float16 with ``half`` (``from_pretrained`` loads them as float32), and with ``evaluation`` (an
-    ``evaluate --out`` JSON) that file as ``metrics.json``, its table at the end of the card, and its sampler, steps
-    and guidance in the card, the sample grid and ``config.yaml``. ConfigError if ``out`` holds anything but an
-    export."""
+    weights in float16 with ``half`` (``from_pretrained`` loads them as float32), the whole training record in
+    ``training.json`` (so ``--rewrite-card`` can write the card again from the folder), and with ``evaluation`` (an
+    ``evaluate --out`` JSON) that file as ``metrics.json``, its table and command at the end of the card, and its
+    sampler, steps and guidance in the card, the sample grid and ``config.yaml``. ConfigError if ``out`` holds
+    anything but an export."""
     check_target(out, f"give --out a new or empty directory, or move what {out} holds elsewhere")
     result = read_evaluation(evaluation) if evaluation is not None else None
     if result is not None:  # ship the sampling that was measured (a guidance chosen after training, say)
+        record.eval_sample = record.eval_sample or record.config.sample  # what the in-training evaluation sampled
         record.config.sample = decode(SampleConfig, result["sample"])  # JSON lists back to tuples; older files lack keys
     with rebuilt(out) as build:
         save_export(pipe, build, record)
@@ -168,8 +161,47 @@ def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bo
         record.config.save(build / "config.yaml")
         if result is not None:
             shutil.copyfile(evaluation, build / "metrics.json")
-            card = build / "README.md"
-            card.write_text(card.read_text() + "\n" + measured_section(result, record.config.sample))
+        write_card(pipe, build, record, last_metrics(record.run_dir), result)
+
+
+def write_card(pipe: DiffusionPipeline, folder: Path, record: TrainingRecord, metrics: dict[str, tuple[int, float]],
+               result: dict | None) -> None:
+    """The published ``folder``'s ``README.md`` (with ``result``'s measured section) and its ``training.json``
+    (``TrainingRecord.to_json``: what the card says beyond the folder's config, weights and ``metrics.json``)."""
+    (folder / TRAINING_FILE).write_text(json.dumps(record.to_json(metrics), indent=2) + "\n")
+    (folder / "README.md").write_text(model_card_text(pipe, record, metrics, shipped_code(folder), result))
+
+
+def saved_record(folder: Path) -> tuple[TrainingRecord, dict[str, tuple[int, float]]]:
+    """(the training record, the last in-training metrics) that the published ``folder`` keeps in ``config.yaml`` and
+    ``training.json`` (``TrainingRecord.to_json``; a file without its newer keys gives a card that says they were not
+    recorded). ConfigError if either file is missing or unreadable."""
+    try:
+        saved = json.loads((folder / TRAINING_FILE).read_text())
+        config: Config = load_config(folder / "config.yaml")
+        sample = decode(SampleConfig, saved["eval_sample"]) if saved.get("eval_sample") else None
+        record = TrainingRecord(config=config, step=int(saved["step"]), images_seen=int(saved["images_seen"]), run_dir=folder,
+                                command=saved.get("command"), starts=saved.get("starts"), eval_sample=sample)
+        metrics = {tag: (int(step), float(value)) for tag, (step, value) in (saved.get("eval_metrics") or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{folder}: no readable {TRAINING_FILE} and config.yaml ({error}); only a copy that `python -m "
+                          "pipeline.export RUN --out DIR` published has both") from None
+    return record, metrics
+
+
+def rewrite_card(folder: Path) -> None:
+    """Write the published ``folder``'s card (and ``training.json``, in the current format) again with this checkout's
+    card code, from what the folder holds: ``config.yaml``, ``training.json``, ``metrics.json`` if there, the weights
+    (class names, size, scheduler) and the code files. Weights, configs, grid, metrics and code are copied byte for
+    byte (``pipeline.atomic.rebuilt``). ConfigError if ``folder`` is no published export."""
+    if not (folder / EXPORT_MARKER).is_file():
+        raise ConfigError(f"{folder} is not an exported pipeline (no {EXPORT_MARKER}); pass an export's folder")
+    record, metrics = saved_record(folder)
+    result = read_evaluation(folder / "metrics.json") if (folder / "metrics.json").is_file() else None
+    pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
+    with rebuilt(folder) as build:
+        shutil.copytree(folder, build, dirs_exist_ok=True)
+        write_card(pipe, build, record, metrics, result)
 
 
 def read_evaluation(path: Path) -> dict:
@@ -195,6 +227,7 @@ def update_code(folder: Path) -> None:
         for directory in sorted(build.rglob("*"), reverse=True):  # deepest first: a folder that only held code goes
             if directory.is_dir() and not any(directory.iterdir()):
                 directory.rmdir()
+        check_shippable(ConditionalDiffusionPipeline, ConditionalUNet)
         write_code(build, ConditionalDiffusionPipeline, ConditionalUNet)
         card = build / "README.md"
         if card.is_file():
@@ -205,23 +238,31 @@ def update_code(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.export RUN_DIR``: rewrite ``RUN_DIR/pipeline`` as a self-contained export with a card;
     with ``--out DIR``, publish a copy there instead (``--half``, ``--evaluation``, ``--command``: see ``publish``).
-    ``python -m pipeline.export --update-code DIR``: only replace the code of the export DIR (see ``update_code``)."""
+    ``python -m pipeline.export --update-code DIR``: only replace the code of the export DIR (see ``update_code``);
+    ``--rewrite-card DIR``: only write the card of the published DIR again (see ``rewrite_card``)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=main.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("run_dir", type=Path, nargs="?", help="a training run's output directory (pipeline/ and config.yaml)")
     source.add_argument("--update-code", type=Path, metavar="DIR",
                         help="an export (e.g. data/pretrained/NAME) to give this checkout's code, keeping its weights and card")
+    source.add_argument("--rewrite-card", type=Path, metavar="DIR",
+                        help="a published export (e.g. data/pretrained/NAME) whose card to write again from what it holds")
     parser.add_argument("--out", type=Path, help="publish a copy here (e.g. data/pretrained/NAME) instead of rewriting RUN_DIR/pipeline")
     parser.add_argument("--half", action="store_true", help="with --out: store the U-Net's weights in float16")
     parser.add_argument("--evaluation", type=Path, help="with --out: an `evaluate --out` JSON to ship and show on the card")
     parser.add_argument("--command", help="with --out: the training command to show on the card")
     args = parser.parse_args(argv)
     try:
-        if args.update_code is not None:
+        if args.update_code is not None or args.rewrite_card is not None:
+            flag = "--update-code" if args.update_code is not None else "--rewrite-card"
             if args.out or args.half or args.evaluation or args.command:
-                raise ConfigError("--update-code takes no other option: it keeps the export's weights, config and card")
-            update_code(args.update_code)
-            print(f"updated the code in {args.update_code} (weights, config, card and metrics kept)")
+                raise ConfigError(f"{flag} takes no other option: it keeps the export's weights, config and metrics")
+            if args.update_code is not None:
+                update_code(args.update_code)
+                print(f"updated the code in {args.update_code} (weights, config, card and metrics kept)")
+            else:
+                rewrite_card(args.rewrite_card)
+                print(f"rewrote the card of {args.rewrite_card} (weights, config, code and metrics kept)")
             return 0
         folder = args.run_dir / "pipeline"
         if not (folder / EXPORT_MARKER).is_file():

@@ -30,10 +30,11 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from pipeline.config import DataConfig, DiffusionConfig, SampleConfig, load_config  # noqa: E402
+from pipeline.config_decoding import choice_flag  # noqa: E402
 from pipeline.diffusion import make_train_scheduler  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline  # noqa: E402
-from pipeline.sample_flags import add_sample_flags, flagged_settings  # noqa: E402
+from pipeline.sample_flags import add_sample_flags, flagged_settings, pipeline_location  # noqa: E402
 from pipeline.sampling import sample_images, saved_run_config  # noqa: E402
 from pipeline.tensorboard_logs import read_scalars, training_minutes  # noqa: E402
 
@@ -218,7 +219,7 @@ def loss_curves(runs: Mapping[str, str | Path], out: str | Path, tag: str = "tra
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.figures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=["forward", "reverse", "grid", "loss", "curve", "guidance", "all"])
+    parser.add_argument("figure", **choice_flag(["forward", "reverse", "grid", "loss", "curve", "guidance", "all"]))
     parser.add_argument("--pipeline", help="exported pipeline directory")
     parser.add_argument("--run", action="append", default=[], help="training output directory (loss; repeat to overlay)")
     parser.add_argument("--dataset", help="data for the forward figure (default: the run's, else data/mnist)")
@@ -239,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         sample = flagged_settings(cfg.sample, args)
     except ConfigError as error:  # a bad sampling flag fails before the pipeline loads
         parser.error(str(error))
+    try:
+        if args.pipeline:
+            args.pipeline = pipeline_location(args.pipeline)
+    except ConfigError as error:  # no such folder, or no export in it: one line, not the hub client's id check
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out_dir) if args.out_dir else None
     path = (lambda name: out_dir / f"{name}.png") if out_dir else (lambda name: Path(args.out))
     wanted = ["forward", "reverse", "grid", "guidance", "loss"] if args.figure == "all" else [args.figure]

@@ -78,3 +78,32 @@ METRICS = {metric.name: metric for metric in (
 )}
 COLUMNS: dict[str, Direction] = {column: way for metric in METRICS.values() for column, way in metric.columns.items()}
 TRAINING_METRICS = tuple(name for name, metric in METRICS.items() if metric.in_training)
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A data set of the Hugging Face hub that this project trains on: its hub id, its class names and split sizes
+    (the ``ClassLabel`` and rows of the hub's copy and of the local Parquet copies, ``../shared/data/README.md``), and
+    its terms of use as a model card states them. ``pipeline.model_card.data_source`` names a local copy by its hub
+    id when the folder is named like a key of ``HUB_DATASETS`` and the model's class names are this data set's."""
+
+    hub_id: str
+    class_names: tuple[str, ...]
+    rows: dict[str, int]  # split -> images
+    license: str
+
+
+# Keyed by the folder name of a local copy (../shared/data/mnist, ../shared/data/cifar10, the embedded data/mnist) and
+# the hub's short alias; the model cards' `datasets:` metadata and data set licenses come from here.
+HUB_DATASETS = {
+    "mnist": HubDataset(
+        "ylecun/mnist", tuple("0123456789"), {"train": 60_000, "test": 10_000},
+        "CC BY-SA 3.0: Yann LeCun and Corinna Cortes, who hold the copyright of this derivative of NIST's data, release "
+        "it under the Creative Commons Attribution-Share Alike 3.0 license (the hub card's metadata field reads `mit`)"),
+    "cifar10": HubDataset(
+        "uoft-cs/cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        {"train": 50_000, "test": 10_000},
+        "no formal license (`unknown` on the hub); its authors (Alex Krizhevsky, Vinod Nair and Geoffrey Hinton) publish "
+        "it for research and ask that Krizhevsky's 2009 report \"Learning Multiple Layers of Features from Tiny Images\" "
+        "be cited"),
+}

@@ -6,13 +6,15 @@
 ``--guidance``, ``--guidance-interval`` and ``--guidance-ramp`` (``add_sample_flags``, ``flagged_settings``), the
 demo its page's fields (``sample_settings``); every value is decoded as the config's own are (``0.3,5.0``, ``[0.3,
 5.0]`` or ``none`` for the interval) and checked by the one guidance rule before any model is loaded. The command
-lines' numeric flags (the study's too) are checked by ``check_positive``. Torch-free.
+lines' numeric flags (the study's too) are checked by ``check_positive``, and every ``--pipeline`` (evaluate, figures,
+the demo, bench/sampling.py) by ``pipeline_location``. Torch-free.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import SampleConfig, decode
@@ -54,7 +56,8 @@ def add_sample_flags(parser: argparse.ArgumentParser) -> None:
         "--guidance": {"metavar": "SCALE", "type": float, "help": "classifier-free guidance scale, 1 = none"},
         "--guidance-interval": {"metavar": "LO,HI", "help": "guide only steps whose noise level sigma_t is in (LO, HI], "
                                                             "e.g. 0.3,5.0 or 0.3,inf; none = every step"},
-        "--guidance-ramp": {"choices": GUIDANCE_RAMPS, "help": "guidance weight over the steps, averaging the scale"},
+        "--guidance-ramp": {"metavar": "RAMP", "help": f"{', '.join(GUIDANCE_RAMPS)}: guidance weight over the steps, "
+                                                        "averaging the scale"},
     }
     for flag, field in SAMPLE_FLAGS.items():
         option = options[flag]
@@ -72,3 +75,35 @@ def check_positive(flags: dict[str, float | None]) -> None:
     for flag, value in flags.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be {'>= 1' if isinstance(value, int) else '> 0'}, got {value}")
+
+
+def pipeline_location(text: str) -> str:
+    """``--pipeline``'s value, checked before anything loads: a folder holding an export (``model_index.json``), or a
+    hub id for ``from_pretrained``. A hub id is ``owner/name`` in the hub's characters (its own ``validate_repo_id``)
+    where ``owner`` is no folder here; anything else (absolute, ``./``, ``../``, ``~``, a bare name, two or more
+    ``/``, a path under a local folder) is a path: ConfigError, one line, naming the fix, if there is no such folder
+    or it holds no export."""
+    path = Path(text).expanduser()
+    fix = "pass a training run's pipeline/ folder (e.g. runs/quickstart/pipeline) or a hub id owner/name"
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return text
+        inside = path / "pipeline"
+        fix = f"did you mean {inside}?" if (inside / "model_index.json").is_file() else fix
+        raise ConfigError(f"--pipeline {text} is not an exported pipeline (no model_index.json); {fix}")
+    if not path.exists() and is_hub_id(text):
+        return text
+    raise ConfigError(f"--pipeline: no such folder: {text}; {fix}")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a hub id rather than a local path: ``owner/name``, both parts as the hub allows
+    them, ``owner`` not a folder in the working directory (``runs/x`` is a path)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # torch-free, the hub's own rule
+
+    owner, slash, _ = text.partition("/")
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return bool(slash) and not Path(owner).is_dir()

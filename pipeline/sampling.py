@@ -7,7 +7,6 @@ the same command gives the same images with 1 process or with ``accelerate launc
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,22 +70,6 @@ def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
 Precision = Literal[SAMPLING_PRECISIONS]  # type: ignore[valid-type]
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix arithmetic in hardware (CUDA with bf16, CPUs with AVX-512 BF16 or AMX);
-    elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def sampling_precision(precision: Precision, device: torch.device) -> Literal["no", "bf16"]:
-    """``auto`` -> bf16 autocast where the hardware has it (2.0-2.3x faster on this project's CPU at the same
-    accuracy and FID, docs/performance.md), else fp32."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "no"
-    return precision
-
-
 def sampling_batch(device: torch.device) -> int:
     """Images per sampling chunk: on a CPU moderate chunks are fastest (bf16, 5 M-parameter CIFAR-10 U-Net: 0.318,
     0.289, 0.278, 0.292 s per image at 10, 25, 50, 100; bench/sampling.py --chunks); a GPU wants large ones."""
@@ -105,8 +88,9 @@ def generate(
 ) -> Samples:
     """``per_class`` images of every class with ``sample``'s sampler, steps and guidance.
 
-    ``batch_size`` (images per chunk) and ``mixed_precision`` default to the fastest for the device
-    (``sampling_batch``, ``sampling_precision``). With ``state`` of several processes (``accelerate launch``),
+    ``batch_size`` (images per chunk) and ``mixed_precision`` (the pipeline call's) default to the fastest for the
+    device (``sampling_batch``; ``"auto"``: bf16 autocast where the hardware has it).
+    With ``state`` of several processes (``accelerate launch``),
     every process must call this: the batches are dealt round-robin and gathered, so each returns the whole set.
     Without ``state`` this process draws every batch alone (what a training loop's main process wants).
     """
@@ -115,14 +99,10 @@ def generate(
     labels = class_labels(pipe.unet.config.num_classes, per_class)
     device = pipe.device
     batches = list(torch.split(torch.arange(len(labels)), batch_size or sampling_batch(device)))
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if sampling_precision(mixed_precision, device) == "bf16" else contextlib.nullcontext()
-    )
     mine = []
     for b in range(rank, len(batches), world):
-        with autocast:
-            images = sample_images(pipe, sample, labels[batches[b]], seed * 1_000_003 + b, output_type="pt").images
+        images = sample_images(pipe, sample, labels[batches[b]], seed * 1_000_003 + b, output_type="pt",
+                               mixed_precision=mixed_precision).images
         mine.append((b, to_uint8(images)))
     if world > 1:
         mine = gather_object(mine)

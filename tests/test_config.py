@@ -116,6 +116,10 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
         ({"sample.guidance_ramp": "up"}, r"sample.guidance_ramp: 'up' is not allowed; valid: constant, increasing, decreasing"),
         ({"sample.guidance_ramp": "increasing", "sample.guidance_scale": 0.2},
          r"sample.guidance_ramp 'increasing' at guidance_scale 0.2 gives steps the negative weight .*use guidance_scale >= 0.5"),
+        ({"sample.sampler": "dpm"}, r"sample.sampler: 'dpm' is not allowed; did you mean dpmsolver\+\+, ddpm"),
+        ({"sample.guidance_ramp": "inc"}, r"sample.guidance_ramp: 'inc' is not allowed; did you mean increasing\?"),
+        ({"train.max": 1},
+         r"unknown config key 'train.max'; did you mean train.max_grad_norm, train.max_steps, train.max_epochs, train.max_minutes\?"),
     ],
     ids=["key", "section", "not-dotted", "literal", "sampler", "bool", "int", "float-for-int", "bool-for-int", "none",
          "list-item", "dropout", "after-norm-scale-shift", "p_uncond", "max_steps", "no-stop", "refused-sampler", "grad-norm-nan",
@@ -123,7 +127,7 @@ def test_values_are_parsed_to_the_declared_type(key: str, value: Any, expected: 
          "lr-inf", "weight-decay", "beta1", "beta2", "ema-power", "max-samples", "num-classes", "translate", "cutout", "seed",
          "guidance-nan",
          "guidance-inf", "interval-reversed", "interval-nan", "interval-negative", "interval-one-value", "interval-three-values",
-         "interval-not-a-number", "ramp", "ramp-negative-weight"],
+         "interval-not-a-number", "ramp", "ramp-negative-weight", "sampler-prefix", "ramp-prefix", "key-prefix"],
 )
 def test_bad_values_are_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -182,6 +186,31 @@ def test_guidance_schedule_round_trips_through_yaml(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sample"]["guidance_interval"] == [0.3, math.inf]
     loaded = load_config(tmp_path / "config.yaml")
     assert loaded == cfg and loaded.sample.guidance_interval == (0.3, math.inf) and loaded.sample.guidance_ramp == "decreasing"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["evaluate", "--sampler", "dpm"], "sampler: 'dpm' is not allowed; did you mean dpmsolver++, ddpm, ddim?"),
+        (["evaluate", "--guidance-ramp", "inc"], "guidance_ramp: 'inc' is not allowed; did you mean increasing?"),
+        (["evaluate", "--mixed-precision", "bf"], "argument --mixed-precision: 'bf' is not allowed; did you mean bf16?"),
+        (["classifier", "train", "--dataset", "x", "--out", "y", "--arch", "air"],
+         "argument --arch: 'air' is not allowed; did you mean airbench?"),
+    ],
+    ids=["sampler", "ramp", "precision", "arch"],
+)
+def test_every_choice_on_a_command_line_offers_the_choices_it_is_part_of(argv: list[str], message: str,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """``--sampler dpm`` offers ``dpmsolver++`` (difflib alone offered ``ddpm, ddim``): one "did you mean"
+    (``config_decoding.close_matches``) for the config's ``Literal`` values and the command lines' choices alike."""
+    from pipeline.evaluation.__main__ import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's refusal of a flag
+        status = exit_.code
+    assert status == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
 def test_guidance_ramp_choices_are_the_pipelines() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline.demo import MAX_IMAGE_STEPS, MAX_IMAGES, MAX_STEPS, Generator
+from pipeline.demo import MAX_IMAGE_STEPS, MAX_IMAGES, MAX_STEPS, Generator, display_name, page_message
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 STARTUP_S = 240  # a loaded 2-core machine takes long to import gradio, torch and diffusers
@@ -75,22 +76,44 @@ def demo_url(demo: Demo) -> str:
     return demo.url
 
 
-def test_bad_command_line_is_one_clear_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--pipeline", str(tmp_path)], capture_output=True, text=True,
-                            timeout=300)
+@pytest.mark.parametrize(("where", "message"), [
+    ("{tmp}", "--pipeline {tmp} is not an exported pipeline (no model_index.json); pass a training run's pipeline/ folder"),
+    ("{tmp}/absent", "--pipeline: no such folder: {tmp}/absent; pass a training run's pipeline/ folder"),
+], ids=["not-an-export", "no-such-folder"])
+def test_bad_command_line_is_one_clear_line(where: str, message: str, tmp_path: Path) -> None:
+    """The check every ``--pipeline`` shares (``sample_flags.pipeline_location``): one line, exit 2, never the hub
+    client's "Repo id must use alphanumeric chars"."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--pipeline", where.replace("{tmp}", str(tmp_path))],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: no exported pipeline at {tmp_path}; pass --pipeline DIR (a training run's pipeline/ folder)"
+    assert result.stderr.startswith(f"error: {message.replace('{tmp}', str(tmp_path))}") and result.stderr.count("\n") == 1
 
 
 @pytest.mark.browser
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_generate_in_a_real_browser(demo_url: str, tmp_path: Path) -> None:
-    """Headless Chromium: tick class 7, press Generate, an image appears; a screenshot goes to tmp_path."""
+def test_generate_in_a_real_browser(demo_url: str, tiny_run: Path, tmp_path: Path) -> None:
+    """Headless Chromium: tick class 7, press Generate, an image appears; a screenshot goes to tmp_path. A bad value
+    then shows only its message, in the page's words, in the status line, with the last result gone; a good request
+    shows only its result. The title names the run, not a path of the machine."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
+
+    def status_after(**values: str) -> str:
+        """Type each value into the field with that elem_id, press Generate, and wait for the new status (Gradio's
+        progress display inside it hidden again)."""
+        before = browser.find_element(By.ID, "status").text
+        for field, value in values.items():
+            box = browser.find_element(By.CSS_SELECTOR, f"#{field} input, #{field} textarea")
+            box.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+            box.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda _: browser.find_element(By.ID, "status").text not in ("", before)
+                   and browser.find_elements(By.CSS_SELECTOR, "#status [data-testid='status-tracker'].hide"))
+        return browser.find_element(By.ID, "status").text
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -107,10 +130,20 @@ def test_generate_in_a_real_browser(demo_url: str, tmp_path: Path) -> None:
         wait.until(lambda _: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
         status = browser.find_element(By.ID, "status").text
         browser.save_screenshot(str(tmp_path / "demo.png"))
+        title, heading = browser.title, browser.find_element(By.TAG_NAME, "h1").text
+        bad_steps = status_after(steps="0")
+        grids_after_error = browser.find_elements(By.CSS_SELECTOR, "#grid img")
+        bad_interval = status_after(steps="2", interval="5,1")
+        good = status_after(interval="")
     finally:
         browser.quit()
-    assert "(0, 7)" in status  # class 0 is ticked by default
+    assert "(0, 7)" in status and "Error" not in status  # class 0 is ticked by default
     assert PIL.Image.open(tmp_path / "demo.png").size[0] > 0
+    assert title == heading == f"Class-conditional DDPM: {tiny_run.name}"  # the run's name; the old page showed its path
+    assert bad_steps == "Error: Steps must be a whole number from 1 to 1000, got 0"  # the message alone, in the label's word
+    assert not grids_after_error  # the last result's grid is gone with its status
+    assert bad_interval.startswith("Error: Guidance interval (lo, hi) needs 0 <= lo < hi") and "guidance_interval" not in bad_interval
+    assert re.match(r"\d+ images \(0, 7\) in ", good) and "Error" not in good
 
 
 def test_generate_through_gradio_client(demo_url: str) -> None:
@@ -125,7 +158,7 @@ def test_generate_through_gradio_client(demo_url: str) -> None:
     assert PIL.Image.open(grid).size == (3 * (2 * 28 + 3 * 2),) * 2
     assert PIL.Image.open(strip).size == (3 * (4 * 28 + 5 * 2), 3 * (2 * 28 + 3 * 2))  # 4 steps: 4 columns
     assert Path(archive).stat().st_size > 0
-    with pytest.raises(AppError, match=r"steps must be a whole number from 1 to 1000, got 0"):
+    with pytest.raises(AppError, match=r"Steps must be a whole number from 1 to 1000, got 0"):
         client.predict(["3"], 2.0, "dpmsolver++", 0, 0, 1, api_name="/generate")
     with pytest.raises(AppError, match=r"'cat' .*not in the list of choices"):
         client.predict(["cat"], 2.0, "dpmsolver++", 4, 0, 1, api_name="/generate")
@@ -134,7 +167,7 @@ def test_generate_through_gradio_client(demo_url: str) -> None:
     # time-varying guidance (docs/samplers.md): a ramp and an interval, named in the status; a bad interval is a message
     _, _, _, status = client.predict(["2"], 3.0, "dpmsolver++", 4, 0, 1, "increasing", "0.3,5", api_name="/generate")
     assert "guidance scale 3.0, increasing ramp, only at noise levels sigma in (0.3, 5]" in status
-    with pytest.raises(AppError, match=r"guidance_interval \(lo, hi\) needs 0 <= lo < hi"):
+    with pytest.raises(AppError, match=r"Guidance interval \(lo, hi\) needs 0 <= lo < hi"):
         client.predict(["2"], 3.0, "dpmsolver++", 4, 0, 1, "constant", "5,1", api_name="/generate")
 
 
@@ -157,27 +190,46 @@ def test_the_work_of_one_request_is_bounded_and_bad_values_are_messages(demo: De
     from gradio_client.exceptions import AppError
 
     client = Client(demo.url, verbose=False)
-    with pytest.raises(AppError, match=rf"steps must be a whole number from 1 to {MAX_STEPS}, got 1000000$"):
+    with pytest.raises(AppError, match=rf"Steps must be a whole number from 1 to {MAX_STEPS}, got 1000000$"):
         client.predict(["3"], 2.0, "dpmsolver++", 10**6, 0, 1, api_name="/generate")
-    with pytest.raises(AppError, match=r"steps must be a whole number from 1 to 1000, got 2.5"):
+    with pytest.raises(AppError, match=r"Steps must be a whole number from 1 to 1000, got 2.5"):
         client.predict(["3"], 2.0, "dpmsolver++", 2.5, 0, 1, api_name="/generate")
-    with pytest.raises(AppError, match=r"seed must be a whole number from 0 to 4294967295, got -1"):
+    with pytest.raises(AppError, match=r"Seed must be a whole number from 0 to 4294967295, got -1"):
         client.predict(["3"], 2.0, "dpmsolver++", 2, -1, 1, api_name="/generate")
     ten = [str(i) for i in range(10)]  # 80 images: the most one request may ask for, at up to 100 steps
     with pytest.raises(AppError, match=rf"80 images x 101 steps is more work than one request may ask for \(at most {MAX_IMAGE_STEPS}"):
         client.predict(ten, 2.0, "dpmsolver++", 101, 0, 8, api_name="/generate")
-    with pytest.raises(AppError, match=r"no class ticked; tick at least one class"):
+    with pytest.raises(AppError, match=r"Classes: none ticked; tick at least one class"):
         client.predict([], 2.0, "dpmsolver++", 2, 0, 1, api_name="/generate")
     _, _, archive, status = client.predict(["0"] * 5000, 1.0, "ddim", 2, 0, 2, api_name="/generate")
     assert status.startswith("2 images (0) in ")
     assert zipfile.ZipFile(archive).namelist() == ["000_0.png", "001_0.png"]
     for value in ("Infinity", "NaN"):  # Gradio's own rounding raised OverflowError / ValueError: a bare "Error"
         events = raw_call(demo.url, f'{{"data": [["3"], 2.0, "dpmsolver++", {value}, 0, 1, "constant", ""]}}')
-        assert "event: error" in events and f"steps must be a whole number from 1 to 1000, got {value.lower()[:3]}" in events
+        assert "event: error" in events and f"Steps must be a whole number from 1 to 1000, got {value.lower()[:3]}" in events
     _, _, _, status = client.predict(["1"], 1.0, "ddim", 2, 1, 1, api_name="/generate")  # still serving
     assert status.startswith("1 images (1)")
     (out_dir,) = demo.tmp.glob("ddpm-demo-*")
     assert [path.relative_to(out_dir).parts[1:] for path in out_dir.rglob("*") if path.is_file()] == [("samples.zip",)]
+
+
+def test_messages_name_the_fields_by_the_labels_on_the_page() -> None:
+    """The shared checks' names for the page's fields (the pipeline's ``class_labels``, the settings'
+    ``guidance_interval``) become the labels the page shows; other words stay."""
+    assert page_message("class_labels is empty; pass at least one label") == "Classes is empty; pass at least one label"
+    assert page_message("guidance_ramp 'increasing' at guidance_scale 0.2 gives steps the negative weight -0.6; use "
+                        "guidance_scale >= 0.5") == ("Guidance ramp 'increasing' at Guidance scale 0.2 gives steps the negative "
+                                                     "weight -0.6; use Guidance scale >= 0.5")
+    assert page_message("sampler: 'dpm' is not allowed; did you mean dpmsolver++, ddpm, ddim?").startswith("Sampler: 'dpm'")
+    assert page_message("num_inference_steps must be >= 1, got 0") == "Steps must be >= 1, got 0"
+
+
+def test_the_page_names_a_pipeline_without_a_path_of_the_machine(tmp_path: Path) -> None:
+    """A training run's pipeline/ by the run's name, another folder by its own, a hub id as it is."""
+    (tmp_path / "quickstart" / "pipeline").mkdir(parents=True)
+    assert display_name(tmp_path / "quickstart" / "pipeline") == "quickstart"
+    assert display_name(str(tmp_path / "quickstart")) == "quickstart"
+    assert display_name("someone/cifar10-ddpm") == "someone/cifar10-ddpm"
 
 
 def test_too_many_images_are_refused_before_sampling(tmp_path: Path) -> None:

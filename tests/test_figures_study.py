@@ -127,7 +127,7 @@ def test_sets_load_and_bad_sets_are_refused_without_torch() -> None:
             "status = main(['--set', 'nope']); print(status, [m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert done.stdout == "2 []\n"
-    assert done.stderr == "error: study set 'nope' not found; known sets: cifar10, cifar10-cpu, datasets, mnist\n"
+    assert done.stderr == "error: study set 'nope' not found; known sets: cifar10, cifar10-cpu, cifar10-v2-pilots, datasets, mnist\n"
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,9 @@ from pipeline.config import DiffusionConfig, SampleConfig
 from pipeline.diffusion import SAMPLERS, make_sampler, make_train_scheduler
 from pipeline.guidance import check_guidance_settings, guidance_weights
 from pipeline.models.unet import ConditionalUNet
-from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, noise_levels
-from pipeline.sampling import sample_images
+from pipeline.names import SAMPLING_PRECISIONS
+from pipeline.pipeline_conditional import PRECISIONS, ConditionalDiffusionPipeline, ConditionalPipelineOutput, native_bf16, noise_levels
+from pipeline.sampling import generate, sample_images, to_uint8
 from tests.factories import IMAGE_SHAPES, single_threaded, tiny_unet
 
 pytestmark = pytest.mark.usefixtures(single_threaded.__name__)
@@ -42,8 +43,9 @@ def pipe() -> ConditionalDiffusionPipeline:
 
 
 def sample(pipe: ConditionalDiffusionPipeline, seed: int = 0, **kwargs) -> torch.Tensor:
-    """(N, C, H, W) images in [0, 1] from ``pipe`` at ``STEPS`` steps."""
-    kwargs = {"class_labels": [1, 7], "num_inference_steps": STEPS, "output_type": "pt"} | kwargs
+    """(N, C, H, W) images in [0, 1] from ``pipe`` at ``STEPS`` steps, in the model's dtype (no autocast: the tests
+    compare samples bit for bit with hand-written loops)."""
+    kwargs = {"class_labels": [1, 7], "num_inference_steps": STEPS, "output_type": "pt", "mixed_precision": "no"} | kwargs
     return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
@@ -130,6 +132,40 @@ def test_bf16_model_samples_in_float32(pipe: ConditionalDiffusionPipeline) -> No
     assert (half - full).abs().mean() < 0.05
 
 
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("precision", ["auto", "no", "bf16"])
+def test_mixed_precision_runs_the_unet_under_bf16_autocast_where_asked(pipe: ConditionalDiffusionPipeline, precision: str,
+                                                                       model_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22: the README's call ran float32 where ``generate`` ran bf16 (2x slower on this CPU). ``auto``: bf16
+    autocast for a float32 model where the hardware has native bf16, none for a model already in a 16-bit dtype;
+    ``bf16`` and ``no`` force it on or off. The outputs are float32 whatever ran."""
+    pipe.unet.to(model_dtype)
+    autocast = []
+    forward = pipe.unet.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", recording)
+    images = sample(pipe, mixed_precision=precision, guidance_scale=2.0)
+    latents = sample(pipe, mixed_precision=precision, output_type="latent")
+    expected = {"bf16": True, "no": False, "auto": model_dtype == torch.float32 and native_bf16(torch.device("cpu"))}[precision]
+    assert autocast == [expected] * (2 * STEPS)
+    assert images.dtype == latents.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_auto_precision_is_the_default_and_samples_as_generate(pipe: ConditionalDiffusionPipeline) -> None:
+    """``pipe(...)`` and ``generate`` share one precision rule: the same images, at the default ``auto``."""
+    settings = SampleConfig(sampler="ddim", num_inference_steps=STEPS, guidance_scale=2.0)
+    generated = generate(pipe, per_class=1, sample=settings, seed=5, batch_size=10)
+    called = sample_images(pipe, settings, list(range(10)), seed=5 * 1_000_003, output_type="pt").images
+    assert torch.equal(generated.images, to_uint8(called))
+    with pytest.raises(ValueError, match="mixed_precision 'fp16' unknown; use 'auto', 'no', 'bf16'"):
+        sample(pipe, mixed_precision="fp16")
+    assert PRECISIONS == SAMPLING_PRECISIONS  # the torch-free copy, for configs and the command lines
+
+
 def test_sampling_is_a_plain_scheduler_loop(pipe: ConditionalDiffusionPipeline) -> None:
     """With guidance 1 the pipeline is the textbook loop over the conditional model alone."""
     labels = torch.tensor([1, 7])
@@ -147,7 +183,7 @@ def test_latents_argument_starts_from_the_given_noise(pipe: ConditionalDiffusion
     """The noise a seed draws, passed as ``latents``, gives that seed's images (DPM-Solver adds no noise later)."""
     pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    given = pipe(class_labels=[1, 7], latents=noise, num_inference_steps=STEPS, output_type="pt").images
+    given = pipe(class_labels=[1, 7], latents=noise, num_inference_steps=STEPS, output_type="pt", mixed_precision="no").images
     assert torch.equal(given, sample(pipe))
 
 
@@ -327,7 +363,7 @@ def test_a_step_callback_that_changes_the_scale_changes_the_remaining_weights(pi
 def test_sample_images_passes_the_guidance_schedule_through(pipe: ConditionalDiffusionPipeline) -> None:
     schedule = {"guidance_scale": 3.0, "guidance_interval": (0.5, 50.0), "guidance_ramp": "increasing"}
     settings = SampleConfig(sampler="dpmsolver++", num_inference_steps=STEPS, **schedule)
-    images = sample_images(pipe, settings, [1, 7], seed=0, output_type="pt").images
+    images = sample_images(pipe, settings, [1, 7], seed=0, output_type="pt", mixed_precision="no").images
     pipe.scheduler = make_sampler("dpmsolver++", pipe.scheduler.config)
     assert torch.equal(images, sample(pipe, **schedule))
     assert not torch.equal(images, sample(pipe, guidance_scale=3.0))
@@ -349,7 +385,8 @@ def test_sample_images_passes_the_guidance_schedule_through(pipe: ConditionalDif
 )
 def test_labels_as_names_ints_or_tensor(names: list[str] | None, given, expected: list[int]) -> None:
     pipe = make_pipe(tiny_unet(class_names=names))
-    out = pipe(class_labels=given, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0))
+    out = pipe(class_labels=given, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0),
+               mixed_precision="no")
     assert out.class_labels.tolist() == expected
     assert torch.equal(out.images, sample(pipe, class_labels=expected))
 

@@ -1,21 +1,26 @@
-"""The committed pretrained CIFAR-10 pipeline: small, half-precision on disk, float32 when loaded, and as good
-as its model card says (re-measured on a few hundred fresh samples)."""
+"""The committed pretrained CIFAR-10 pipeline: small, half-precision on disk, float32 when loaded, as good as its
+model card says (re-measured on a few hundred fresh samples), and a card that reproduces its numbers: the data set by
+its hub id, the licenses, the chunked run's command and launched config, and the exact evaluation that was run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from pipeline import ConditionalDiffusionPipeline
-from pipeline.config import DiffusionConfig, SampleConfig
+from pipeline.config import DiffusionConfig, SampleConfig, load_config
 from pipeline.diffusion import make_train_scheduler
-from pipeline.evaluation.metrics import Evaluator
-from pipeline.export import save_export
+from pipeline.evaluation.metrics import Evaluator, markdown_table
+from pipeline.export import rewrite_card, save_export
 from pipeline.model_card import shipped_code
 from pipeline.sampling import generate
 from tests.conftest import REPO
@@ -59,3 +64,57 @@ def test_pretrained_pipeline_ships_the_code_an_export_writes_now(tmp_path: Path)
     assert set(committed) == set(shipped_code(tmp_path))
     for name in shipped_code(tmp_path):
         assert committed[name] == (tmp_path / name).read_bytes(), f"{name} differs from what pipeline.export writes now"
+
+
+def card() -> tuple[dict, str]:
+    """The committed card: (its YAML front matter as the hub reads it, its Markdown body)."""
+    _, front, body = (PRETRAINED / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_pretrained_card_names_the_hub_data_set_the_licenses_and_the_chunked_run() -> None:
+    metadata, body = card()
+    assert metadata["license"] == "apache-2.0" and metadata["datasets"] == ["uoft-cs/cifar10"] and "pipeline_tag" not in metadata
+    assert "trained from a local copy at `../shared/data/cifar10`" in body
+    assert "The training data, `uoft-cs/cifar10`: no formal license" in body.split("## License")[1]
+    # the shipped config is the one each chunk was launched with (configs/cifar10-cpu.yaml: 30 minutes), not the
+    # 28.29 minutes the last chunk was given; the card gives the chunk command that repeats the run with it
+    launched = load_config(REPO / "configs" / "cifar10-cpu.yaml").train.max_minutes
+    assert load_config(PRETRAINED / "config.yaml").train.max_minutes == launched == 30
+    assert f"each start stops after `train.max_minutes` ({launched:g} minutes)" in body and "The run took 4 starts." in body
+    assert "python pipeline/train.py --config config.yaml\npython pipeline/train.py --config config.yaml --resume latest" in body
+
+
+def test_pretrained_card_states_n_reference_and_the_evaluation_that_was_run() -> None:
+    """The measured table is metrics.json's (FID 66.7, 79.0 %: 5,000 samples against the 10,000 test images), the
+    in-training one says its N = 100 against training images, and the card's command is the one docs/cifar10-cpu.md
+    records as run, with the settings it took from the run's config spelled out."""
+    from pipeline.evaluation.__main__ import _parser
+
+    documented = json.loads((PRETRAINED / "metrics.json").read_text())
+    _, body = card()
+    in_training, measured = body.split("## Evaluation")[1].split("## Measured")
+    assert "N = 100 samples (10 per class; dpmsolver++, 20 steps, guidance scale 2.0, seed 0)" in in_training
+    assert "the first 10,000 images of the `train` split" in in_training and "| eval/fid | 180.1 | 6000 |" in in_training
+    assert "N = 5,000 samples (500 per class; dpmsolver++, 20 steps, guidance scale 3.0, seed 0)" in measured
+    assert "all 10,000 images of the `test` split" in measured
+    assert markdown_table(documented["rows"]).strip() in measured and "| model | 5000 | 0.7902 | 2.47 | 81.67 | 66.74 |" in measured
+
+    docs = (REPO / "docs" / "cifar10-cpu.md").read_text().replace("\\\n", " ")
+    (ran,) = [line for line in docs.splitlines() if line.startswith("python -m pipeline.evaluation evaluate --pipeline runs/cifar10")]
+    (shown,) = [line for line in measured.splitlines() if line.startswith("python -m pipeline.evaluation evaluate")]
+    ran_args, shown_args = (vars(_parser().parse_args(shlex.split(command)[3:])) for command in (ran, shown))
+    resolved = {"dataset": documented["dataset"], **dataclasses.asdict(SampleConfig(**documented["sample"]))}
+    for key, value in ran_args.items():
+        if key != "out":  # EVAL.json then, metrics.json here
+            assert shown_args[key] == (resolved[key] if value is None and key in resolved else value), key
+
+
+def test_pretrained_card_is_the_one_rewrite_card_writes_now(tmp_path: Path) -> None:
+    """After a change to the card's code, run ``python -m pipeline.export --rewrite-card data/pretrained/cifar10-cpu``
+    (from the folder's config.yaml, training.json and metrics.json; weights, grid and code stay as they are)."""
+    folder = tmp_path / "cifar10-cpu"
+    shutil.copytree(PRETRAINED, folder)
+    rewrite_card(folder)
+    assert (folder / "README.md").read_text() == (PRETRAINED / "README.md").read_text()
+    assert (folder / "training.json").read_text() == (PRETRAINED / "training.json").read_text()

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -463,7 +464,8 @@ def test_evaluate_and_study_keep_the_traceback_of_an_error_at_run_time(command: 
 @pytest.mark.parametrize(
     ("command", "argv", "message"),
     [
-        ("evaluate", ["--pipeline", "{tmp}/absent"], "--pipeline {tmp}/absent is not an exported pipeline (no model_index.json)"),
+        ("evaluate", ["--pipeline", "{tmp}/absent"], "--pipeline: no such folder: {tmp}/absent; pass a training run's pipeline/"),
+        ("evaluate", ["--pipeline", "{tmp}"], "--pipeline {tmp} is not an exported pipeline (no model_index.json)"),
         ("evaluate", ["--dataset", "data/mnist", "--ref-samples", "some"], "--ref-samples must be a row count >= 1 or 'all', got 'some'"),
         ("evaluate", ["--dataset", "data/mnist", "--metrics", "accuracy,bogus"], "unknown metric(s) bogus; choose from"),
         ("evaluate", ["--pipeline", "data/pretrained/cifar10-cpu", "--classifier", "mnist", "--metrics", "accuracy"],
@@ -473,7 +475,7 @@ def test_evaluate_and_study_keep_the_traceback_of_an_error_at_run_time(command: 
         ("study", ["--set", "mnist", "--per-class", "0", "--runs", "nope"], "--per-class must be >= 1, got 0"),
         ("study", ["--set", "mnist", "--budget-steps", "0", "--runs", "nope"], "--budget-steps must be >= 1, got 0"),
     ],
-    ids=["absent-pipeline", "ref-samples", "metric", "class-mismatch", "seeds", "per-class-0", "budget-0"],
+    ids=["absent-pipeline", "not-an-export", "ref-samples", "metric", "class-mismatch", "seeds", "per-class-0", "budget-0"],
 )
 def test_evaluate_and_study_refuse_bad_input_in_one_line(command: str, argv: list[str], message: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -487,3 +489,118 @@ def test_evaluate_and_study_refuse_bad_input_in_one_line(command: str, argv: lis
     err = capsys.readouterr().err
     [line] = error_lines(err)
     assert message.replace("{tmp}", str(tmp_path)) in line and "Traceback" not in err, err
+
+
+# ---- issue 25: messages that say where things are, and a refused start that leaves nothing behind -----------------
+
+
+@pytest.mark.parametrize("command", [["-m", "pipeline.evaluation", "evaluate"], ["-m", "pipeline.figures", "grid", "--out", "g.png"],
+                                     ["-m", "pipeline.demo"]], ids=["evaluate", "figures", "demo"])
+def test_every_pipeline_flag_says_no_such_folder_in_one_line(command: list[str], tmp_path: Path) -> None:
+    """``--pipeline /nonexistent``: one line naming the folder and the fix, exit 2, through the one shared check
+    (the old code printed huggingface_hub's "Repo id must use alphanumeric chars", figures with its traceback)."""
+    missing = tmp_path / "nonexistent"
+    result = subprocess.run([sys.executable, *command, "--pipeline", str(missing)], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600, env=ENV)  # the evaluation package imports torch and its metrics first
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_lines(result.stderr) == [f"--pipeline: no such folder: {missing}; pass a training run's pipeline/ folder (e.g. "
+                                          "runs/quickstart/pipeline) or a hub id owner/name"], result.stderr[-3000:]
+    assert "Repo id" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_pipeline_flag_is_a_folder_unless_it_reads_as_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What tells a path from a hub id ``owner/name``: absolute, ``./``, ``../``, ``~``, a bare name, two or more ``/``
+    or a local folder as the owner make a path, which must exist; a run's folder points at its pipeline/."""
+    from pipeline.errors import ConfigError
+    from pipeline.sample_flags import pipeline_location
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "quickstart" / "pipeline").mkdir(parents=True)
+    (tmp_path / "runs" / "quickstart" / "pipeline" / "model_index.json").write_text("{}")
+    assert pipeline_location("someone/cifar10-ddpm") == "someone/cifar10-ddpm"  # a hub id: from_pretrained fetches it
+    assert pipeline_location("runs/quickstart/pipeline") == "runs/quickstart/pipeline"
+    for path in ("/nonexistent", "./absent", "../absent", "~/absent", "absent", "runs/absent", "a/b/c", "a b/c"):
+        with pytest.raises(ConfigError, match=f"^--pipeline: no such folder: {re.escape(path)}; "):
+            pipeline_location(path)
+    with pytest.raises(ConfigError, match=r"^--pipeline runs/quickstart is not an exported pipeline \(no model_index.json\); "
+                                          r"did you mean runs/quickstart/pipeline\?$"):
+        pipeline_location("runs/quickstart")
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` (hidden ones too) -> its bytes (None for a folder)."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in sorted(folder.rglob("*"))}
+
+
+def test_a_refused_start_in_a_new_output_dir_leaves_nothing(tmp_path: Path) -> None:
+    """``--data.dataset /nonexistent`` into a directory that does not exist yet: exit 2, one line, and neither the
+    directory nor the parents the start made remain (the old code left them with ``.lock`` and ``status.json``
+    ``starting``)."""
+    line = run_bad(tmp_path / "new" / "run", "--data.dataset", str(tmp_path / "nonexistent"), "--train.max_steps", "1")
+    assert "is neither a local path nor a reachable hub data set" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_refused_start_in_a_used_output_dir_changes_nothing(tmp_path: Path) -> None:
+    """A finished run's directory (its ``.lock`` and ``status.json`` included) is byte for byte as it was after a start
+    refused for a missing data set, also with ``--train.overwrite true`` (the old code moved the run to abandoned/
+    first), or for its checkpoints; a concurrent run is still refused by the lock."""
+    run_train(tmp_path, *THREE_STEPS)
+    before = tree(tmp_path)
+    assert json.loads(before["status.json"]) == {"status": "finished", "step": 3} and ".lock" in before
+    run_bad(tmp_path, "--data.dataset", str(tmp_path / "nonexistent"), "--train.max_steps", "4")
+    assert tree(tmp_path) == before
+    run_bad(tmp_path, "--data.dataset", str(tmp_path / "nonexistent"), "--train.max_steps", "4", "--train.overwrite", "true")
+    assert tree(tmp_path) == before
+    assert "already holds checkpoints" in run_bad(tmp_path, "--train.max_steps", "4")
+    assert tree(tmp_path) == before
+
+
+def test_undoing_a_start_puts_back_the_lock_and_status_and_keeps_the_lock_working(tmp_path: Path) -> None:
+    """``RunLock.undo`` restores what taking the lock changed; while held, a second start is refused; after an undo
+    that removed ``.lock``, a new start takes a fresh one."""
+    from pipeline.errors import ConfigError
+    from pipeline.run_dir import RunLock, write_status
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / ".lock").write_text("pid 1 on old-host\n")
+    (used / "status.json").write_text('{"status": "stopped_early", "step": 5}\n')
+    before = tree(used)
+    lock = RunLock(used)
+    write_status(used, "starting")
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        RunLock(used)
+    lock.undo()
+    assert tree(used) == before
+    fresh = tmp_path / "a" / "b"
+    lock = RunLock(fresh)
+    write_status(fresh, "starting")
+    lock.undo()
+    assert list(tmp_path.iterdir()) == [used]
+    again = RunLock(fresh)
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        RunLock(fresh)
+    again.release()
+
+
+@pytest.mark.slow
+def test_the_log_ends_saying_where_things_are_and_how_to_continue(tmp_path: Path) -> None:
+    """The last lines name the sample grid, the pipeline, the TensorBoard command and how to sample; stopped by
+    ``max_minutes`` (exit 75) they also give the command that continues, which does (the old log ended on a bar)."""
+    log = run_train(tmp_path, "--train.max_steps", "2", "--train.sample_every", "2")
+    grid, pipeline = tmp_path / "samples" / "step_00000002.png", tmp_path / "pipeline"
+    assert grid.is_file() and (pipeline / "model_index.json").is_file()
+    tail = log.split("finished at step 2\n", 1)[1]
+    assert f"sample grid:   {grid}\n" in tail and f"pipeline:      {pipeline}\n" in tail
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}\n" in tail
+    assert f"python -m pipeline.figures grid --pipeline {pipeline} --out grid.png" in tail
+    assert f"ConditionalDiffusionPipeline.from_pretrained('{pipeline}')" in tail and "continue:" not in tail
+
+    stopped = tmp_path / "stopped"
+    log = run_train(stopped, "--train.max_steps", "50", "--train.max_minutes", "0.0001", expect=75)
+    [command] = [line.split("e.g. ", 1)[1] for line in log.splitlines() if line.strip().startswith("continue:")]
+    assert command == f"python pipeline/train.py --config {stopped / 'config.yaml'} --resume latest"
+    resumed = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, cwd=REPO, timeout=300, env=ENV)
+    assert resumed.returncode == 75 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]

@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DataConfig
+from pipeline.config_decoding import choice_flag
 from pipeline.errors import ConfigError
 from pipeline.names import METRICS, SAMPLING_PRECISIONS
-from pipeline.sample_flags import add_sample_flags, check_positive, flagged_settings
+from pipeline.sample_flags import add_sample_flags, check_positive, flagged_settings, pipeline_location
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     train = actions.add_parser("train", help="train on the train split, report test accuracy, save")
     train.add_argument("--dataset", required=True, help="path or hub id (../shared/data/mnist)")
     train.add_argument("--out", required=True, help="output directory (data/classifiers/<name> to commit it)")
-    train.add_argument("--arch", choices=["small_cnn", "airbench"], help="default: small_cnn for 1 channel, airbench for 3")
+    train.add_argument("--arch", **choice_flag(["small_cnn", "airbench"]), help="default: small_cnn for 1 channel, airbench for 3")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-baselines", action="store_true", help="skip the pure-noise and real-data rows")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, help="images per sampling chunk and process (default: the device's fastest)")
-    ev.add_argument("--mixed-precision", choices=SAMPLING_PRECISIONS, default="auto",
+    ev.add_argument("--mixed-precision", **choice_flag(SAMPLING_PRECISIONS), default="auto",
                     help="bf16 autocast while sampling (default auto: where the hardware runs bf16 natively)")
     ev.add_argument("--out", help="write the result JSON here (and a .md table beside it)")
     return parser
@@ -93,9 +94,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.sampling import saved_run_config
 
     check_positive({"--steps": args.num_inference_steps, "--batch-size": args.batch_size, "--per-class": args.per_class})
-    if args.pipeline and not (Path(args.pipeline) / "model_index.json").is_file():
-        raise ConfigError(f"--pipeline {args.pipeline} is not an exported pipeline (no model_index.json); pass a run's "
-                          "pipeline/ folder, e.g. runs/<run>/pipeline")
+    if args.pipeline:  # no such folder, or no export in it: one line (not the hub client's id check)
+        args.pipeline = pipeline_location(args.pipeline)
     cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
     sample = flagged_settings(cfg.sample, args)  # a malformed or invalid flag fails here, before anything is loaded
@@ -118,7 +118,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                       not args.no_baselines, args.real_split, state)
     if not state.is_main_process:
         return 0
-    result.update(pipeline=args.pipeline, processes=state.num_processes, device=str(state.device), hardware=hardware())
+    result.update(pipeline=args.pipeline, processes=state.num_processes, device=str(state.device), hardware=hardware(),
+                  arguments=vars(args))  # every flag as parsed: model cards rebuild the exact command (model_card.evaluation_command)
     table = markdown_table(result["rows"])
     notes = "".join(f"\n{metric}: {reason}\n" for metric, reason in result["unavailable"].items())
     print(table + notes)

@@ -6,7 +6,6 @@ while the others wait, so every rank leaves a hook at the same point.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,9 +17,10 @@ from diffusers.training_utils import EMAModel
 from pipeline.checkpointing import save_checkpoint, save_loop_state
 from pipeline.config import Config
 from pipeline.export import export_pipeline, exported_step
-from pipeline.model_card import TrainingRecord
+from pipeline.model_card import TrainingRecord, in_training_reference
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
+from pipeline.run_dir import grid_path
 from pipeline.sampling import sample_images
 from pipeline.training.state import TrainingState
 
@@ -35,9 +35,9 @@ def make_evaluator(accelerator: Accelerator, cfg: Config) -> Evaluator | None:
         return None
     from pipeline.evaluation import Evaluator  # loads the data set's classifier
 
-    # distances to (up to 10,000 of) the images it trains on; cached on disk after the first evaluation
-    reference = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 10_000, 10_000))
-    return Evaluator(cfg.data.dataset, metrics=cfg.train.eval_metrics, reference=reference, device=accelerator.device)
+    # distances to (up to 10,000 of) the images it trains on, as the model card states; cached after the first evaluation
+    return Evaluator(cfg.data.dataset, metrics=cfg.train.eval_metrics, reference=in_training_reference(cfg.data),
+                     device=accelerator.device)
 
 
 def ema_unet(ema: EMAModel, unet: ConditionalUNet) -> ConditionalUNet:
@@ -75,8 +75,9 @@ def log_samples(state: TrainingState, cfg: Config, per_class: int = 8) -> None:
                                    num_images_per_label=per_class, output_type="pt").images
         grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)
         accelerator.get_tracker("tensorboard").log_images({"samples": grid[None].numpy()}, step=step)
-        (output_dir / "samples").mkdir(exist_ok=True)
-        torchvision.utils.save_image(grid, output_dir / "samples" / f"step_{step:08d}.png")
+        path = grid_path(output_dir, step)
+        path.parent.mkdir(exist_ok=True)
+        torchvision.utils.save_image(grid, path)
     accelerator.wait_for_everyone()
 
 

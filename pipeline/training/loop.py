@@ -20,6 +20,7 @@ from pipeline.data import check_augmentation, cutout_where, flip_where, load_ima
 from pipeline.diffusion import diffusion_loss, make_train_scheduler
 from pipeline.models.build import build_unet
 from pipeline.models.unet import ConditionalUNet
+from pipeline.run_dir import claim
 from pipeline.training.batches import StepDraws, endless_batches, make_loader
 from pipeline.training.hooks import checkpoint, export, log_metrics, log_samples, make_evaluator
 from pipeline.training.monitoring import FiniteGuard, Meter, due, finish, report_divergence, saves_due, stop_request
@@ -66,11 +67,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
     output_dir = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train)
     with hold_output_dir(accelerator, output_dir) as stop:
-        # Split the global batch, find the checkpoint to resume from and check its config, claim the output directory.
+        # Split the global batch, find the checkpoint to resume from and check its config and the output directory.
         micro_batch = micro_batch_size(accelerator, cfg.train)
         checkpoint_path = resolve_resume(output_dir, resume, accelerator.print)
         changes = resume_changes(load_config(checkpoint_path / CONFIG_FILE), cfg) if checkpoint_path else []
-        claim_output_dir(accelerator, output_dir, checkpoint_path, cfg.train.overwrite)
+        claim(output_dir, checkpoint_path, cfg.train.overwrite, move=False)
 
         # Load the data; build the U-Net (seeded: every rank starts alike), its optimizer and LR schedule.
         data = load_image_data(cfg.data)
@@ -100,10 +101,12 @@ def train(cfg: Config, resume: str | None = None) -> int:
         progress = state.progress
 
         # Resume weights, optimizer, LR schedule, RNG, EMA and progress from the checkpoint, with this start's settings;
-        # record the start (config, status, TensorBoard) and build the evaluator.
+        # build the evaluator. The start is good: claim the output directory and record the start (config, status,
+        # TensorBoard). Bad input up to here left the output directory as it was (hold_output_dir).
         resume_from(state, cfg, checkpoint_path, resume, changes)
-        start_logs(state, cfg, micro_batch, steps_per_epoch)
         evaluator = make_evaluator(accelerator, cfg)
+        claim_output_dir(accelerator, output_dir, checkpoint_path, cfg.train.overwrite)
+        start_logs(state, cfg, micro_batch, steps_per_epoch)
 
         # Train until the budget is spent, a process is asked to stop, or the loss diverges.
         batches = endless_batches(accelerator, loader, steps_per_epoch, progress.step)

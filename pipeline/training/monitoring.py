@@ -6,6 +6,7 @@ log or save is due, when the processes agree on them in one gather.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpointing import EXIT_DIVERGED, EXIT_STOPPED_EARLY, Progress, StopSignal, list_checkpoints
 from pipeline.config import TrainConfig
-from pipeline.run_dir import write_status
+from pipeline.run_dir import latest_grid, write_status
 from pipeline.training.state import TrainingState
 
 
@@ -114,14 +115,36 @@ EXIT_STATUS = {"finished": 0, "stopped_early": EXIT_STOPPED_EARLY, "diverged": E
 
 
 def finish(accelerator: Accelerator, output_dir: Path, stop_reason: str, step: int) -> int:
-    """``status.json`` (job scripts read it, as ``accelerate launch`` reports any worker's exit 75 as 1) and the exit
-    status for ``stop_reason``: ``finished``, ``diverged``, or why the run stopped early (with a checkpoint)."""
+    """``status.json`` (job scripts read it, as ``accelerate launch`` reports any worker's exit 75 as 1), the log's
+    last lines (``where_things_are``) and the exit status for ``stop_reason``: ``finished``, ``diverged``, or why the
+    run stopped early (with a checkpoint)."""
     status = stop_reason if stop_reason in EXIT_STATUS else "stopped_early"
     if status == "stopped_early":
         accelerator.print(f"stopping early at step {step} ({stop_reason}); checkpoint saved, resume with --resume latest")
+    elif status == "finished":
+        accelerator.print(f"finished at step {step}")
+    if status != "diverged":  # a diverged run says so and names its last good checkpoint (report_divergence)
+        accelerator.print("\n".join(where_things_are(output_dir, Path(accelerator.logging_dir), status == "stopped_early")))
     if accelerator.is_main_process:
         write_status(output_dir, status, step)
     return EXIT_STATUS[status]
+
+
+def where_things_are(output_dir: Path, tensorboard: Path, stopped_early: bool) -> list[str]:
+    """The end of a run's log: its newest sample grid, its exported pipeline, the TensorBoard command, how to sample
+    the pipeline, and for a run stopped early how to continue it; each path as given (relative to where it ran)."""
+    pipeline, grid = output_dir / "pipeline", latest_grid(output_dir)
+    lines = [f"  sample grid:   {grid or 'none written yet (see train.sample_every)'}",
+             f"  pipeline:      {pipeline}",
+             f"  curves:        tensorboard --logdir {shlex.quote(str(tensorboard))}",
+             f"  sample it:     python -m pipeline.figures grid --pipeline {shlex.quote(str(pipeline))} --out grid.png",
+             f"  in Python:     from pipeline import ConditionalDiffusionPipeline; "
+             f"pipe = ConditionalDiffusionPipeline.from_pretrained({str(pipeline)!r})",
+             f"  web demo:      python -m pipeline.demo --pipeline {shlex.quote(str(pipeline))}"]
+    if stopped_early:
+        lines.append(f"  continue:      the same command with --resume latest, e.g. python pipeline/train.py --config "
+                     f"{shlex.quote(str(output_dir / 'config.yaml'))} --resume latest")
+    return lines
 
 
 def report_divergence(accelerator: Accelerator, output_dir: Path, bad_step: int) -> None:

@@ -1,5 +1,6 @@
 """What one start of a run settles before its first step: Accelerate, the output directory, the batch split, the
-step budget, and the record of the start (its config, status and one line with the run's shape)."""
+step budget, and the record of the start (its config, status and one line with the run's shape). Until that record,
+a start refused as bad input leaves the output directory as it found it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from accelerate.utils import ProjectConfiguration
 from pipeline.checkpointing import StopSignal
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import ConfigError
-from pipeline.run_dir import RunLock, claim, save_start_config, write_status
+from pipeline.run_dir import RunLock, claim, read_status, save_start_config, write_status
 from pipeline.training.state import TrainingState
 
 
@@ -33,13 +34,19 @@ def make_accelerator(train_cfg: TrainConfig) -> Accelerator:
 
 @contextlib.contextmanager
 def hold_output_dir(accelerator: Accelerator, output_dir: Path) -> Iterator[StopSignal]:
-    """For one start: the output directory's lock (main process) and the stop signals' record (every process)."""
+    """For one start: the output directory's lock (main process) and the stop signals' record (every process). Bad
+    input (ConfigError) before ``start_logs`` recorded the start (status still ``starting``) undoes the lock's
+    changes: the directory is left as it was found, or not there if it was not (a crash keeps ``starting``)."""
     lock = RunLock(output_dir) if accelerator.is_main_process else None
     stop = StopSignal()
     try:
         if lock:
             write_status(output_dir, "starting")  # first, so a crash from here on is not read as the last start's stop
         yield stop
+    except ConfigError:
+        if lock and read_status(output_dir) == "starting":
+            lock.undo()
+        raise
     finally:
         stop.restore()
         if lock:
@@ -58,8 +65,8 @@ def micro_batch_size(accelerator: Accelerator, train_cfg: TrainConfig) -> int:
 
 
 def claim_output_dir(accelerator: Accelerator, output_dir: Path, checkpoint: Path | None, overwrite: bool) -> None:
-    """Make ``output_dir`` hold this run alone (``run_dir.claim``): every rank checks, the main process moves aside."""
-    claim(output_dir, checkpoint, overwrite, move=False)
+    """Make ``output_dir`` hold this run alone (``run_dir.claim``) once the start is known to be good: every rank
+    checked it first (``claim(..., move=False)``, before the data loads), and here the main process moves aside."""
     accelerator.wait_for_everyone()  # every rank has read the checkpoints before the main process moves any aside
     if accelerator.is_main_process and (moved := claim(output_dir, checkpoint, overwrite, move=True)):
         accelerator.print(moved)
