@@ -2,6 +2,7 @@
 
     python bench/levers.py                        # MNIST quickstart shape, batch 64
     python bench/levers.py --shape cifar10 --batch 32 --seconds 20
+    python bench/levers.py --shape cifar10 --config configs/cifar10-cpu.yaml   # at a recipe's own U-Net
 
 The default step is what ``pipeline/train.py`` runs: bf16 autocast, PyTorch's fused scaled-dot-product
 attention, foreach AdamW (fused on CUDA), diffusers ``EMAModel`` with foreach, no host synchronisation
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from bench.train_throughput import Levers, interleaved, measure, ours
+from bench.train_throughput import Levers, config_flags, interleaved, measure, ours
 from pipeline.config_decoding import choice_flag
 
 # name: (what the row changes, its options)
@@ -46,7 +47,8 @@ def one(name: str, args: argparse.Namespace) -> dict:
     if options.pop("attention", "sdpa") == "explicit":
         torch.nn.functional.scaled_dot_product_attention = explicit_attention  # the U-Net calls it through F
     levers = Levers(**options)
-    result = measure(ours(args.shape, []), args.shape, args.batch, args.seconds, bf16, torch.device(args.device), levers)
+    model = ours(args.shape, args.override, args.config)
+    result = measure(model, args.shape, args.batch, args.seconds, bf16, torch.device(args.device), levers)
     return {"lever": name, **result}
 
 
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, from {', '.join(LEVERS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", help="the config whose U-Net is measured (default: the shape's, e.g. configs/cifar10.yaml)")
+    parser.add_argument("--override", action="append", default=[], help="override of that config, e.g. --override=--train.lr=1e-3")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -67,9 +71,9 @@ def main() -> None:
     if unknown := [name for name in names if name not in LEVERS]:
         parser.error(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} shape={args.shape} batch={args.batch} "
-          f"seconds={args.seconds} repeats={args.repeats}")
+          f"seconds={args.seconds} repeats={args.repeats} config={args.config or 'of the shape'} overrides={args.override}")
     runs = interleaved({name: [sys.executable, __file__, "--one", name, "--shape", args.shape, "--batch", str(args.batch), "--seconds",
-                               str(args.seconds), "--device", args.device] for name in names}, args.repeats)
+                               str(args.seconds), "--device", args.device, *config_flags(args)] for name in names}, args.repeats)
     default = statistics.median(r["images_per_s"] for r in runs.get("default", runs[names[0]]))
     print("| lever | images/s (median) | vs default | warm-up s (2 steps, incl. compilation) |\n|---|---|---|---|")
     for name, results in runs.items():

@@ -37,9 +37,10 @@ SHAPES = {"mnist": (1, 28, "configs/quickstart-cpu.yaml"), "cifar10": (3, 32, "c
 NUM_CLASSES = 10
 
 
-def ours(shape: str, cfg_overrides: list[str]) -> torch.nn.Module:
-    channels, size, config = SHAPES[shape]
-    cfg = load_config(PROJECT_ROOT / config, cfg_overrides)
+def ours(shape: str, cfg_overrides: list[str], config: str | None = None) -> torch.nn.Module:
+    """Our U-Net at ``shape``, from ``config`` (default: the shape's, ``SHAPES``) with ``cfg_overrides``."""
+    channels, size, default = SHAPES[shape]
+    cfg = load_config(PROJECT_ROOT / (config or default), cfg_overrides)
     return build_unet(cfg, size, channels, [str(i) for i in range(NUM_CLASSES)])
 
 
@@ -169,10 +170,15 @@ def interleaved(commands: dict[str, list[str]], repeats: int) -> dict[str, list[
     return runs
 
 
+def config_flags(args: argparse.Namespace) -> list[str]:
+    """``--config`` and ``--override`` as a child process is passed them."""
+    return [*(["--config", args.config] if args.config else []), *[f"--override={o}" for o in args.override]]
+
+
 def one(args: argparse.Namespace) -> None:
     """Child process: build one model, measure it, print one JSON line."""
     device = torch.device(args.device)
-    mine = ours(args.shape, args.override)
+    mine = ours(args.shape, args.override, args.config)
     model = (mine if args.model == "ours" else matched(PEERS[args.model], mine)).to(device)
     flops = flops_per_image(model, args.shape)
     images_per_s = measure(model, args.shape, args.batch, args.seconds, args.precision == "bf16", device)["images_per_s"]
@@ -212,6 +218,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per model, interleaved; the median is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (e.g. 989 for an H100/H200 in bf16): adds MFU")
+    parser.add_argument("--config", help="the config whose U-Net is ours (default: the shape's, e.g. configs/cifar10.yaml)")
     parser.add_argument("--override", action="append", default=[], help="override of our config, e.g. --override=--model.upsample=nearest")
     parser.add_argument("--from-run", type=Path, help="report a finished pipeline/train.py run instead of measuring steps")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "SHAPE", "PRECISION"), help=argparse.SUPPRESS)
@@ -223,13 +230,13 @@ def main() -> None:
         return one(args)
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
-          f"seconds={args.seconds} repeats={args.repeats} overrides={args.override}")
+          f"seconds={args.seconds} repeats={args.repeats} config={args.config or 'of the shape'} overrides={args.override}")
     print("| shape | precision | model | params | GFLOP / image | images/s (median) | vs diffusers | TFLOP/s | MFU | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):
             commands = {model: [sys.executable, __file__, "--one", model, shape, precision, "--batch", str(args.batch), "--seconds",
-                                str(args.seconds), "--device", args.device, *[f"--override={o}" for o in args.override]]
+                                str(args.seconds), "--device", args.device, *config_flags(args)]
                         for model in args.models.split(",")}
             runs = interleaved(commands, args.repeats)
             rows = [{**r[0], "images_per_s": statistics.median(x["images_per_s"] for x in r), "peak_mib": max(x["peak_mib"] for x in r)}
