@@ -30,6 +30,7 @@ from pipeline.errors import ConfigError
 from pipeline.guidance import GUIDANCE_RAMPS, check_guidance_settings
 from pipeline.names import (
     CONDITIONING_MODES,
+    DISTILL_METHODS,
     EMBEDDED_MNIST,
     METRICS,
     REFUSED_SAMPLERS,
@@ -42,6 +43,7 @@ T = TypeVar("T")
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # sample.sampler's choices
 GuidanceRamp = Literal[GUIDANCE_RAMPS]  # type: ignore[valid-type]  # sample.guidance_ramp's choices
 TrainingMetric = Literal[TRAINING_METRICS]  # type: ignore[valid-type]  # train.eval_metrics' choices
+DistillMethod = Literal[tuple(DISTILL_METHODS)]  # type: ignore[valid-type]  # distill.method's choices
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -171,6 +173,22 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Few-step distillation of a trained pipeline (``python -m pipeline.distill``, docs/samplers.md): a student that
+    takes the guidance scale as an input and samples in a few steps, one U-Net evaluation each."""
+
+    teacher: str | None = _opt(None, "the trained pipeline folder to distil (none = ordinary training); the student "
+                                     "starts from its weights, with a guidance embedding")
+    method: DistillMethod = _opt("segment", "segment: progressive distillation onto the ddim grid of sample.num_inference_steps "
+                                            "(the pilots' winner, docs/samplers.md); consistency: LCM-style consistency "
+                                            "distillation, sampled by lcm at any step count")
+    guidance_range: tuple[float, float] = _opt((1.0, 5.0), "guidance scales the student learns, drawn uniformly per image (lo, hi)")
+    teacher_steps: int = _opt(20, "the teacher's guided DDIM grid from T to 0: consistency distils one of its steps (LCM's "
+                                  "skip T / teacher_steps), segment solves a student step with teacher_steps / "
+                                  "sample.num_inference_steps of them")
+
+
+@dataclass
 class Config:
     """A run: one section per dataclass above, written ``--section.key`` on the command line."""
 
@@ -179,6 +197,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Sections as nested dicts, values as declared (tuples stay tuples)."""
@@ -191,8 +210,6 @@ class Config:
     def save(self, path: str | Path) -> None:
         """Write ``to_yaml()`` to ``path`` (a run's ``config.yaml``, compared on resume)."""
         Path(path).write_text(self.to_yaml())
-
-
 
 
 def decode(cls: type[T], raw: dict[str, Any]) -> T:
@@ -259,6 +276,8 @@ def validate(cfg: Config) -> Config:
         (s.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
         (guidance is None, f"sample.{guidance}"),
     ]
+    if cfg.distill.teacher is not None:
+        checks += _distill_checks(cfg.distill, s, d.num_train_timesteps)
     for every in ("sample_every", "eval_every", "checkpoint_every", "export_every"):
         value = getattr(t, every)
         checks.append((value is None or value >= 1, f"train.{every} must be >= 1 or none"))
@@ -273,6 +292,22 @@ def validate(cfg: Config) -> Config:
     if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
         raise ConfigError("no stop condition: set train.max_steps, train.max_epochs or train.max_minutes")
     return cfg
+
+
+def _distill_checks(distill: DistillConfig, sample: SampleConfig, timesteps: int) -> list[tuple[bool, str]]:
+    """A distillation run's checks, as ``validate``'s (ok, message) pairs: what the student learns and samples with."""
+    (lo, hi), steps, sampler = distill.guidance_range, sample.num_inference_steps, DISTILL_METHODS[distill.method]
+    return [
+        (0 <= lo <= hi < math.inf, f"distill.guidance_range must be two finite scales 0 <= lo <= hi, got {lo:g},{hi:g}"),
+        (lo <= sample.guidance_scale <= hi, f"sample.guidance_scale {sample.guidance_scale:g} is outside distill.guidance_range "
+                                            f"{lo:g},{hi:g}, the scales the student learns"),
+        (1 <= distill.teacher_steps <= timesteps, f"distill.teacher_steps must be in 1..diffusion.num_train_timesteps ({timesteps})"),
+        (sample.sampler == sampler, f"distill.method {distill.method} samples with sample.sampler {sampler}, not {sample.sampler}"),
+        (distill.method != "consistency" or steps <= distill.teacher_steps, f"sample.num_inference_steps {steps} exceeds "
+         f"distill.teacher_steps {distill.teacher_steps}: lcm samples on the teacher grid the student learns"),
+        (distill.method != "segment" or distill.teacher_steps % max(steps, 1) == 0, f"distill.teacher_steps "
+         f"{distill.teacher_steps} must be a multiple of sample.num_inference_steps {steps} (teacher steps per student step)"),
+    ]
 
 
 def _guidance_problem(sample: SampleConfig) -> str | None:
@@ -293,7 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """Build a Config from defaults, then a YAML file, then overrides.
 
     Args:
-        path: YAML file with any of the sections ``model``, ``diffusion``, ``data``, ``train``, ``sample``.
+        path: YAML file with any of the sections ``model``, ``diffusion``, ``data``, ``train``, ``sample``, ``distill``.
         overrides: ``["--train.lr", "1e-4", "--data.max_samples=512"]`` or ``{"train.lr": 1e-4}``.
     """
     sections: dict[str, Any] = {}

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -19,11 +20,12 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     SchedulerMixin,
     UniPCMultistepScheduler,
 )
 
-from pipeline.config import DiffusionConfig
+from pipeline.config import DiffusionConfig, DistillConfig, SampleConfig
 from pipeline.names import SAMPLER_NAMES
 from pipeline.sampler_checks import BETA_SCHEDULES, COSINE_LAMBDA_MIN_CLIPPED, check_sampler
 
@@ -36,6 +38,7 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = dict(zip(SAMPLER_NAMES, (
     UniPCMultistepScheduler,
     EulerDiscreteScheduler,
     EulerAncestralDiscreteScheduler,
+    LCMScheduler,
 ), strict=True))
 
 
@@ -70,9 +73,26 @@ def make_sampler(name: str, train_config: dict) -> SchedulerMixin:
         kwargs.update(algorithm_type="dpmsolver++", solver_order=2, variance_type=None)
         if train_config.get("beta_schedule") == BETA_SCHEDULES["cosine"]:
             kwargs["lambda_min_clipped"] = COSINE_LAMBDA_MIN_CLIPPED
-    scheduler = SAMPLERS[name].from_config(train_config, **kwargs)
+    # only the keys the class takes: from_config warns about the others (LCM about DDPM's variance_type, say)
+    taken = inspect.signature(SAMPLERS[name].__init__).parameters
+    scheduler = SAMPLERS[name].from_config({key: value for key, value in train_config.items() if key in taken}, **kwargs)
     check_sampler(scheduler)
     return scheduler
+
+
+def student_sampler(sample: SampleConfig, distill: DistillConfig, train_config: dict) -> SchedulerMixin:
+    """The scheduler a distilled student samples with, and its export ships: ``sample.sampler`` (its method's, as
+    ``config.validate`` checks) on the training schedule ``train_config``, LCM's on the teacher grid it learned."""
+    return make_sampler(sample.sampler, {**train_config, "original_inference_steps": distill.teacher_steps})
+
+
+def predicted_original(output: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                       prediction_type: str) -> torch.Tensor:
+    """x_0 from an epsilon or v prediction ``output`` at ``noisy`` = alpha x_0 + sigma eps (alpha = sqrt(alpha_bar),
+    sigma = sqrt(1 - alpha_bar), broadcastable to the (B, C, H, W) images)."""
+    if prediction_type == "v_prediction":
+        return alpha * noisy - sigma * output
+    return (noisy - sigma * output) / alpha
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -133,10 +153,7 @@ def variational_bound(
     posterior_mean = coef_clean * clean + coef_noisy * noisy
     posterior_log_var = _posterior_log_variance(scheduler, timesteps)
 
-    if cfg.prediction_type == "epsilon":
-        predicted_clean = (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
-    else:
-        predicted_clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+    predicted_clean = predicted_original(prediction, noisy, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), cfg.prediction_type)
     model_mean = coef_clean * predicted_clean.clamp(-1, 1) + coef_noisy * noisy
     model_log_var = model_log_variance(variance, timesteps, scheduler)
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import html
 import json
 import math
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -26,9 +24,11 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config, DataConfig, SampleConfig, decode
+from pipeline.markdown import code_span, fenced, front_matter, markdown_text
 from pipeline.names import HUB_DATASETS, HubDataset
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.sample_flags import SAMPLE_FLAGS
+from pipeline.student_card import distillation_lines
 
 GRID_FILE = "samples.png"
 GRID_PER_CLASS = 8
@@ -257,57 +257,16 @@ def loading_snippet(pipe: ConditionalDiffusionPipeline, sample: SampleConfig) ->
     """The card's Python: load the folder with plain diffusers, install the run's sampler, sample its first two classes
     with the run's settings."""
     scheduler_name, scheduler_line = sampler_snippet(pipe, sample.sampler)
+    default = "the folder's own" if type(pipe.scheduler).__name__ == scheduler_name else "the default is 1000-step DDPM"
     return "\n".join([
         "import torch",
         f"from diffusers import DiffusionPipeline, {scheduler_name}",
         "",
         'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
-        scheduler_line + "  # the default is 1000-step DDPM",
+        f"{scheduler_line}  # {default}",
         f"images = pipe(class_labels={pipe.class_names[:2]!r}, num_images_per_label=4, guidance_scale={sample.guidance_scale}, "
         f"num_inference_steps={sample.num_inference_steps}{guidance_arguments(sample)}, generator=torch.manual_seed(0)).images",
     ])
-
-
-def markdown_text(text: str) -> str:
-    """``text`` as literal inline Markdown: whitespace runs (line breaks included) as one space, so that it cannot
-    start a line (a heading, a list, a fence); the characters of emphasis, code, links, images, tables and
-    strikethrough backslash-escaped; ``&``, ``<`` and ``>`` as HTML entities (no tags, no entities of its own)."""
-    flat = " ".join(text.split())
-    return html.escape(re.sub(r"([\\`*_\[\]()!|~])", r"\\\1", flat), quote=False)
-
-
-def _longest_backtick_run(text: str) -> int:
-    return max((len(run) for run in re.findall("`+", text)), default=0)
-
-
-def code_span(text: str) -> str:
-    """``text`` as one inline code span (shown verbatim, HTML included) whatever backticks it holds: delimited by a
-    longer backtick run than any inside (CommonMark), its line breaks as spaces."""
-    flat = " ".join(text.splitlines())
-    ticks = "`" * (_longest_backtick_run(flat) + 1)
-    padded = f" {flat} " if flat.startswith("`") or flat.endswith("`") else flat
-    return f"{ticks}{padded}{ticks}"
-
-
-def fenced(text: str, language: str) -> list[str]:
-    """``text`` as the lines of a fenced code block whose fence is longer than any backtick run in it, so that no
-    line of ``text`` can close it."""
-    fence = "`" * max(3, _longest_backtick_run(text) + 1)
-    return [fence + language, text, fence]
-
-
-class _FrontMatterDumper(yaml.SafeDumper):
-    """``yaml.safe_dump``'s YAML with every string on one line: a string with line breaks double-quoted (``\\n``),
-    none folded, so that no value spreads over lines and none can end the front matter early."""
-
-
-_FrontMatterDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", text, style='"' if any(c in text for c in "\r\n") else None))
-
-
-def front_matter(metadata: dict) -> str:
-    """The card's YAML metadata block between its ``---`` lines (``_FrontMatterDumper``)."""
-    return yaml.dump(metadata, Dumper=_FrontMatterDumper, sort_keys=False, width=math.inf).strip()
 
 
 def repeat_lines(record: TrainingRecord) -> list[str]:
@@ -386,6 +345,7 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         f"- Command: {code_span(record.command)}" if record.command else "- Command: not recorded (exported after the run)",
         "", *repeat_lines(record), "",
         *fenced(cfg.to_yaml().strip(), "yaml"), "",
+        *([*distillation_lines(cfg, record.step, record.run_dir), ""] if cfg.distill.teacher else []),
         "## Evaluation", "",
         *evaluation_lines(record, metrics, source, unet.num_classes),
     ]

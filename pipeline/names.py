@@ -17,8 +17,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MNIST = "data/mnist"
 
 # Inference schedulers, by the name a config, `evaluate --sampler` and the demo take (pipeline.diffusion.SAMPLERS
-# maps each to its diffusers class).
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a")
+# maps each to its diffusers class). `lcm` (LCMScheduler) samples consistency-distilled students.
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a", "lcm")
+
+# Few-step distillation (`distill.method`, pipeline.distillation), each method with the sampler of its students:
+# consistency students sample with LCM's multistep sampler at any step count, segment students with DDIM on the grid
+# of `sample.num_inference_steps` steps they were trained for.
+DISTILL_METHODS = {"consistency": "lcm", "segment": "ddim"}
 
 # (sampler, schedule, prediction type) that pipeline.sampler_checks.check_sampler refuses (docs/samplers.md), so that
 # a run is refused at start rather than at its first sample grid; tests/test_schedulers.py builds every combination

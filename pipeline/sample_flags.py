@@ -96,6 +96,13 @@ def pipeline_location(text: str) -> str:
     raise ConfigError(f"--pipeline: no such folder: {text}; {fix}")
 
 
+def run_config_file(pipeline_dir: str | Path) -> Path | None:
+    """The ``config.yaml`` of the pipeline folder ``pipeline_dir``: inside it (a published pipeline) or beside it (a
+    training run's ``pipeline/``); None if there is neither."""
+    return next((path for path in (Path(pipeline_dir) / "config.yaml", Path(pipeline_dir).parent / "config.yaml")
+                 if path.is_file()), None)
+
+
 def is_hub_id(text: str) -> bool:
     """Whether ``text`` reads as a hub id rather than a local path: ``owner/name``, both parts as the hub allows
     them, ``owner`` not a folder in the working directory (``runs/x`` is a path)."""

@@ -19,6 +19,7 @@ from pipeline.config import Config, SampleConfig, load_config
 from pipeline.diffusion import make_sampler
 from pipeline.names import SAMPLING_PRECISIONS
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, ConditionalPipelineOutput, Labels
+from pipeline.sample_flags import run_config_file
 
 
 @dataclass
@@ -55,10 +56,8 @@ def saved_run_config(pipeline_dir: str | Path | None, config: str | Path | None 
     wrote beside it, else the defaults."""
     if config:
         return load_config(config)
-    if pipeline_dir:
-        for path in (Path(pipeline_dir) / "config.yaml", Path(pipeline_dir).parent / "config.yaml"):
-            if path.is_file():
-                return load_config(path)
+    if pipeline_dir and (path := run_config_file(pipeline_dir)):
+        return load_config(path)
     return Config()
 
 

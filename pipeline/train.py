@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -22,33 +23,46 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 # torch-free imports: a bad flag is refused before the heavy ones (pipeline.training) below
-from pipeline.config import load_config, options_help  # noqa: E402
+from pipeline.config import Config, load_config, options_help  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
 USAGE = "usage: train.py [--config FILE.yaml] [--resume latest|CHECKPOINT_DIR] [--section.key value ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(argv, __doc__, USAGE, ("--config", "--resume"), lambda known, overrides: load_config(known.config, overrides))
+
+
+def run_command(argv: list[str] | None, doc: str, usage: str, flags: tuple[str, ...],
+                config: Callable[[argparse.Namespace, list[str]], Config]) -> int:
+    """A training command line (this one, ``python -m pipeline.distill``): ``--help``; its own ``flags`` (each taking a
+    value; ``--resume`` among them) apart from the ``--section.key value`` overrides; the run's ``config`` from both;
+    then ``_run_training``. Bad input is one line and exit status 2 before any heavy import."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
-        print(__doc__ + "\n" + USAGE + "\n\nOptions (override any config value):" + options_help())
+        print(doc + "\n" + usage + "\n\nOptions (override any config value):" + options_help())
         return 0
-    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    flags.add_argument("--config")
-    flags.add_argument("--resume")
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for flag in flags:
+        parser.add_argument(flag)
     try:
         try:
-            known, overrides = flags.parse_known_args(args)
-        except argparse.ArgumentError as error:  # the only one these two flags raise: no value after the flag
+            known, overrides = parser.parse_known_args(args)
+        except argparse.ArgumentError as error:  # the only one these flags raise: no value after the flag
             raise ConfigError(f"{error.argument_name} needs a value") from None
-        cfg = load_config(known.config, overrides)
+        cfg = config(known, overrides)
     except ConfigError as error:
-        return _bad_input(f"{error}\n{USAGE}\n(--help lists every option)")
+        return _bad_input(f"{error}\n{usage}\n(--help lists every option)")
+    return _run_training(cfg, known.resume)
+
+
+def _run_training(cfg: Config, resume: str | None) -> int:
+    """``train(cfg, resume)`` with this command line's exit statuses (also ``python -m pipeline.distill``'s)."""
     from pipeline.checkpointing import EXIT_DISK_FULL, DiskFullError  # heavy imports only after the arguments are good
     from pipeline.training import train
 
     try:
-        return train(cfg, known.resume)
+        return train(cfg, resume)
     except ConfigError as error:  # bad data or checkpoint; any other error at run time keeps its traceback
         return _bad_input(str(error))
     except DiskFullError as error:  # no bug: one line from the rank that met it, naming the disk and the last checkpoint

@@ -236,7 +236,7 @@ def test_help_lists_every_option_with_its_default() -> None:
         for option in dataclasses.fields(getattr(cfg, section.name)):
             assert f"--{section.name}.{option.name} " in text
     assert "--model.channel_mult int,... (default 1,2,2)" in text
-    assert "--sample.sampler {ddpm|ddim|dpmsolver++|unipc|euler|euler_a}" in text
+    assert "--sample.sampler {ddpm|ddim|dpmsolver++|unipc|euler|euler_a|lcm}" in text
     assert "--sample.guidance_interval float,float|none (default None)" in text
     assert "--sample.guidance_ramp {constant|increasing|decreasing} (default constant)" in text
 

@@ -18,7 +18,7 @@ import pipeline.models.unet
 import pipeline.pipeline_conditional
 import pipeline.sampler_checks
 from pipeline.config import DiffusionConfig, load_config
-from pipeline.diffusion import make_train_scheduler
+from pipeline.diffusion import make_sampler, make_train_scheduler
 from pipeline.export import ExportError, local_imports, save_export, shipped_files, update_code
 from pipeline.export import main as export_main
 from pipeline.model_card import TrainingRecord, code_sentence, model_card_text, shipped_code
@@ -93,6 +93,20 @@ def plain_diffusers(folder: Path, tmp_path: Path, *copy: Path) -> torch.Tensor:
 
 def test_export_opens_in_plain_diffusers_and_samples_the_same(tiny_run: Path, tmp_path: Path) -> None:
     folder = tiny_run / "pipeline"
+    assert torch.equal(plain_diffusers(folder, tmp_path), project_samples(folder))
+
+
+def test_a_distilled_student_opens_in_plain_diffusers_and_samples_the_same(tmp_path: Path) -> None:
+    """Issue 26: a student (guidance embedding, LCMScheduler) is an ordinary export; plain diffusers samples it with the
+    shipped code, the guidance scale an input of its one forward per step, as this package does."""
+    teacher = tiny_unet()
+    student = ConditionalUNet(**{**teacher.config, "guidance_embedding": True})
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    with torch.no_grad():
+        student.guidance_mlp[-1].weight.normal_(0.0, 0.05)  # trained, the scale matters
+    folder = tmp_path / "student"
+    scheduler = make_sampler("lcm", make_train_scheduler(DiffusionConfig()).config)
+    save_export(ConditionalDiffusionPipeline(unet=student.eval(), scheduler=scheduler), folder)
     assert torch.equal(plain_diffusers(folder, tmp_path), project_samples(folder))
 
 

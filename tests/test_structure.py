@@ -62,7 +62,7 @@ def test_bad_flag_on_the_command_line_is_one_error_line_within_two_seconds() -> 
     seconds = time.perf_counter() - start
     assert result.returncode == 2 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: unknown config section 'bogus'; valid: model, diffusion, data, train, sample"]
+    assert errors == ["error: unknown config section 'bogus'; valid: model, diffusion, data, train, sample, distill"]
     assert result.stderr.startswith(errors[0])  # the error first; then the usage line and where --help is
     assert seconds < 2.0, f"refusing a bad flag took {seconds:.1f} s"
 

@@ -65,8 +65,8 @@ def endless_batches(accelerator: Accelerator, loader: torch.utils.data.DataLoade
 class StepDraws:
     """The random draws of one optimizer step for its whole global batch: noise (B, C, H, W), timesteps (B,),
     label dropout (B,), horizontal flips (B,), translations (B, 2) in [-translate, translate] (down, right),
-    Cutout centres (B, 2) in [0, size) (row, column) and the seed of the dropout masks, a function of
-    (seed, step, translate) alone."""
+    Cutout centres (B, 2) in [0, size) (row, column), a distilled student's guidance scales as uniforms (B,) in [0, 1)
+    (``distillation.guidance_scales``) and the seed of the dropout masks, a function of (seed, step, translate) alone."""
 
     noise: torch.Tensor
     timesteps: torch.Tensor
@@ -74,6 +74,7 @@ class StepDraws:
     flip: torch.Tensor
     shifts: torch.Tensor
     centers: torch.Tensor
+    guidance: torch.Tensor
     dropout_seed: int
 
     @classmethod
@@ -89,4 +90,5 @@ class StepDraws:
         # Images are square (data._decode checks), so one bound serves rows and columns.
         shifts = torch.randint(-translate, translate + 1, (batch, 2), generator=g, device=device)
         centers = torch.randint(0, image_shape[-1], (batch, 2), generator=g, device=device)
-        return cls(noise, timesteps, drop, flip, shifts, centers, dropout_seed=hash((seed, step, 1)))
+        guidance = torch.rand(batch, generator=g, device=device)  # after the augmentations' draws, for the same reason
+        return cls(noise, timesteps, drop, flip, shifts, centers, guidance, dropout_seed=hash((seed, step, 1)))

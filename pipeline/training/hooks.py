@@ -60,7 +60,7 @@ def export(state: TrainingState, cfg: Config, unless_current: bool = False) -> N
     if accelerator.is_main_process and not (unless_current and exported_step(output_dir / "pipeline") == state.progress.step):
         accelerator.get_tracker("tensorboard", unwrap=True).flush()  # the model card reads the last eval/* metrics
         record = TrainingRecord.of_this_process(cfg, state.progress.step, state.progress.images_seen)
-        export_pipeline(ema_unet(state.ema, state.unet), state.noise_scheduler, output_dir, record)
+        export_pipeline(ema_unet(state.ema, state.unet), state.sampler, output_dir, record)
     accelerator.wait_for_everyone()
 
 
@@ -69,7 +69,7 @@ def log_samples(state: TrainingState, cfg: Config, per_class: int = 8) -> None:
     """One row per class from the EMA model into TensorBoard (``samples``) and ``samples/step_N.png``."""
     accelerator, step, output_dir = state.accelerator, state.progress.step, Path(cfg.train.output_dir)
     if accelerator.is_main_process:
-        pipe = ConditionalDiffusionPipeline(unet=ema_unet(state.ema, state.unet), scheduler=state.noise_scheduler)
+        pipe = ConditionalDiffusionPipeline(unet=ema_unet(state.ema, state.unet), scheduler=state.sampler)
         with accelerator.autocast():  # bf16 sampling is 2x faster on CPU at the same accuracy (docs/performance.md)
             images = sample_images(pipe, cfg.sample, list(range(state.unet.config.num_classes)), cfg.train.seed,
                                    num_images_per_label=per_class, output_type="pt").images
@@ -88,7 +88,7 @@ def log_metrics(state: TrainingState, cfg: Config, evaluator: Evaluator) -> None
     if accelerator.is_main_process:
         from pipeline.evaluation import evaluate_for_training
 
-        pipe = ConditionalDiffusionPipeline(unet=ema_unet(state.ema, state.unet), scheduler=state.noise_scheduler)
+        pipe = ConditionalDiffusionPipeline(unet=ema_unet(state.ema, state.unet), scheduler=state.sampler)
         metrics = evaluate_for_training(pipe, evaluator, cfg.train.eval_per_class, cfg.sample, cfg.train.seed)
         accelerator.log(metrics, step=state.progress.step)
     accelerator.wait_for_everyone()

@@ -17,8 +17,9 @@ from diffusers.training_utils import EMAModel
 from pipeline.checkpointing import CONFIG_FILE, Progress, resolve_resume
 from pipeline.config import Config, load_config
 from pipeline.data import check_augmentation, cutout_where, flip_where, load_image_data, to_model_range, translate_where, translation_border
-from pipeline.diffusion import diffusion_loss, make_train_scheduler
-from pipeline.models.build import build_unet
+from pipeline.diffusion import diffusion_loss, make_train_scheduler, student_sampler
+from pipeline.distillation import distillation_loss
+from pipeline.models.build import build_unet, load_teacher
 from pipeline.models.unet import ConditionalUNet
 from pipeline.run_dir import claim
 from pipeline.training.batches import StepDraws, endless_batches, make_loader
@@ -31,7 +32,8 @@ from pipeline.training.state import TrainingState
 
 def train_step(state: TrainingState, cfg: Config, draws: StepDraws, micro: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One micro-batch, (B, C, H, W) uint8 ``images`` and (B,) ``labels``: noise the images at random timesteps,
-    predict with ``state.model`` (``state.unet`` as it trains), backprop. Returns the loss, detached.
+    predict with ``state.model`` (``state.unet`` as it trains), backprop. Returns the loss, detached. A distilled
+    student learns from ``state.teacher`` instead (``distillation.distillation_loss``; its labels are never dropped).
 
     The optimizer step's ``draws`` cover its whole global batch on every rank: micro-batch ``micro`` of rank r holds
     global batch positions (micro * world + r) * B..., as Accelerate deals batches round-robin.
@@ -48,15 +50,20 @@ def train_step(state: TrainingState, cfg: Config, draws: StepDraws, micro: int, 
         clean = translate_where(clean, draws.shifts[mine], cfg.data.translate, border)
     if cfg.data.cutout:  # 0, the middle of [-1, 1]: the paper zeroes normalised images
         clean = cutout_where(clean, draws.centers[mine], cfg.data.cutout, value=0.0)
-    if unet.null_class is not None:
-        labels = torch.where(drop, unet.null_class, labels)
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    if cfg.train.channels_last:
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
     unet.set_dropout_rows(draws.dropout_seed, mine, cfg.train.batch_size)
-    with accelerator.autocast():
-        prediction = state.model(noisy, timesteps, labels).sample
-    loss = diffusion_loss(prediction, clean, noise, noisy, timesteps, noise_scheduler, cfg.diffusion)
+    if state.teacher is not None:
+        with accelerator.autocast():
+            loss = distillation_loss(state.model, state.teacher, clean, labels, noise, timesteps, draws.guidance[mine],
+                                     state.sampler, cfg)
+    else:
+        if unet.null_class is not None:
+            labels = torch.where(drop, unet.null_class, labels)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        if cfg.train.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            prediction = state.model(noisy, timesteps, labels).sample
+        loss = diffusion_loss(prediction, clean, noise, noisy, timesteps, noise_scheduler, cfg.diffusion)
     accelerator.backward(loss)
     return loss.detach()
 
@@ -73,15 +80,20 @@ def train(cfg: Config, resume: str | None = None) -> int:
         changes = resume_changes(load_config(checkpoint_path / CONFIG_FILE), cfg) if checkpoint_path else []
         claim(output_dir, checkpoint_path, cfg.train.overwrite, move=False)
 
-        # Load the data; build the U-Net (seeded: every rank starts alike), its optimizer and LR schedule.
+        # Load the data; build the U-Net (seeded: every rank starts alike), its optimizer and LR schedule. A distilled
+        # student starts from its frozen teacher's weights and samples with its own sampler.
         data = load_image_data(cfg.data)
         check_augmentation(cfg.data, data.size)
         loader = make_loader(data, micro_batch, cfg.train.seed, cfg.train.batch_size)
         torch.manual_seed(cfg.train.seed)
         unet = build_unet(cfg, data.size, data.channels, data.class_names)
+        noise_scheduler = make_train_scheduler(cfg.diffusion, cfg.model.learned_variance)
+        teacher, sampler = None, noise_scheduler
+        if cfg.distill.teacher is not None:
+            teacher = load_teacher(cfg, unet, noise_scheduler).to(accelerator.device)
+            sampler = student_sampler(cfg.sample, cfg.distill, noise_scheduler.config)
         if cfg.train.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
-        noise_scheduler = make_train_scheduler(cfg.diffusion, cfg.model.learned_variance)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                       weight_decay=cfg.train.weight_decay, fused=accelerator.device.type == "cuda")
         steps_per_epoch = len(data) // cfg.train.batch_size  # EpochShuffle deals whole global batches
@@ -97,7 +109,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup,
                        power=cfg.train.ema_power, foreach=True, model_cls=ConditionalUNet, model_config=unet.config)
         ema.to(accelerator.device)
-        state = TrainingState(accelerator, model, unet, ema, noise_scheduler, optimizer, lr_scheduler, Progress())
+        state = TrainingState(accelerator, model, unet, ema, noise_scheduler, optimizer, lr_scheduler, Progress(), sampler, teacher)
         progress = state.progress
 
         # Resume weights, optimizer, LR schedule, RNG, EMA and progress from the checkpoint, with this start's settings;

@@ -1,7 +1,7 @@
 """The resume rules: which config changes a checkpoint accepts, and how a start continues from one.
 
 A resumed start loads every state the checkpoint holds, then applies its own optimisation settings (learning rate,
-AdamW, EMA), which may change between starts; what defines the run (model, diffusion, data, global batch, seed)
+AdamW, EMA), which may change between starts; what defines the run (model, diffusion, data, distillation, global batch, seed)
 may not.
 """
 
@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.training.state import TrainingState
 
 # Changing these mid-run makes a different run, not a continuation: resume refuses them.
-FIXED_ON_RESUME = ("model.", "diffusion.", "data.", "train.batch_size", "train.seed")
+FIXED_ON_RESUME = ("model.", "diffusion.", "data.", "distill.", "train.batch_size", "train.seed")
 
 
 def resume_changes(saved: Config, cfg: Config) -> list[str]:

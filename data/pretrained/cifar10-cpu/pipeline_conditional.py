@@ -201,12 +201,15 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                 )
 
     def predict_noise(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """The guided model output at one step, in float32; cond and null share one batched forward.
+        """The guided model output at one step, in float32; cond and null share one batched forward, and a distilled
+        student (``unet.config.guidance_embedding``) takes the scale as an input: one forward of B rows.
 
         (B, C, H, W), scalar t, (B,) labels -> (B, C, H, W), or (B, 2C, H, W) with a learned variance
         (the variance channels taken from the conditional half, as in GLIDE).
         """
         sample = sample.to(self.unet.dtype)
+        if self.unet.config.get("guidance_embedding", False):
+            return self.unet(sample, t, labels, guidance=torch.full((len(sample),), guidance_scale, device=sample.device)).sample.float()
         if guidance_scale == 1.0:
             return self.unet(sample, t, labels).sample.float()
         null = torch.full_like(labels, self._null_class(guidance_scale))
@@ -239,7 +242,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         Args:
             class_labels: int, class name, (nested) list of either, or a tensor of ints.
             num_images_per_label: images for each entry of ``class_labels``.
-            guidance_scale: classifier-free guidance s (1.0 = none; needs a model trained with label dropout).
+            guidance_scale: classifier-free guidance s (1.0 = none; needs a model trained with label dropout). A
+                distilled student takes s as an input and runs one forward per step at any s it was trained for.
             num_inference_steps: denoising steps (default: 1000 for DDPMScheduler, 50 for the others).
             generator: makes sampling deterministic (a list: one generator per image).
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) float in [0, 1], ``"pt"`` (N, C, H, W),

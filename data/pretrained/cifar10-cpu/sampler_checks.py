@@ -13,6 +13,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     SchedulerMixin,
 )
 
@@ -62,5 +63,5 @@ def check_sampler(scheduler: SchedulerMixin) -> None:
 
 def _clips_x0(scheduler: SchedulerMixin) -> bool:
     """Whether ``scheduler`` clips (or dynamically thresholds) its x_0 prediction to the data range."""
-    clip_sample = isinstance(scheduler, (DDPMScheduler, DDIMScheduler)) and scheduler.config.get("clip_sample")
+    clip_sample = isinstance(scheduler, (DDPMScheduler, DDIMScheduler, LCMScheduler)) and scheduler.config.get("clip_sample")
     return bool(clip_sample or scheduler.config.get("thresholding"))

@@ -3,7 +3,8 @@
 Self-contained (torch and diffusers only): exports ship this file as ``unet/unet.py``.
 
 Shapes: ``x_t`` (B, C, H, W), ``t`` (B,), ``y`` (B,) int64 with the null class ``num_classes`` for
-classifier-free guidance -> (B, C, H, W) (or (B, 2C, H, W) with a learned variance).
+classifier-free guidance -> (B, C, H, W) (or (B, 2C, H, W) with a learned variance). A distilled student
+(``guidance_embedding``) also takes the guidance scale ``w`` (B,) as an input, embedded like the timestep.
 
 Residual blocks mix a time embedding t and a class embedding c into the features h in one of three ways:
 ``multiply`` (the seed, ``h = c*h + t``), ``add`` (``h + c + t``) or ``scale_shift`` (AdaGN,
@@ -152,6 +153,9 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         attention_resolutions: feature-map sizes with a self-attention block after each residual block.
         attention_heads, dropout, conditioning, embed_after_norm, upsample, learned_variance: see
             ``pipeline.config.ModelConfig``.
+        guidance_embedding: take the classifier-free guidance scale w as an input (a distilled student,
+            ``pipeline.distillation``): sinusoids of (w - 1) * 1000 (LCM's scaling) through an MLP whose last layer
+            starts at zero, added to the time embedding. Without it the model and its weights are as before.
     """
 
     _supports_gradient_checkpointing = False
@@ -174,6 +178,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         embed_after_norm: bool = False,
         upsample: Literal["transposed", "nearest"] = "transposed",
         learned_variance: bool = False,
+        guidance_embedding: bool = False,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -242,6 +247,11 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.conv_out.bias)
         for layer, dropout_module in enumerate(m for m in self.modules() if isinstance(m, PositionalDropout)):
             dropout_module.layer = layer
+        if guidance_embedding:  # built last: the layers above draw the same initial weights with or without it
+            self.guidance_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            # a zero last layer: a student given a teacher's weights starts as the teacher's conditional model at every w
+            nn.init.zeros_(self.guidance_mlp[-1].weight)
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
 
     def set_dropout_rows(self, seed: int, rows: slice, batch: int) -> None:
         """Draw dropout masks per global-batch row (``PositionalDropout``): step seed, this micro-batch's rows, global batch."""
@@ -260,8 +270,10 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor,
         return_dict: bool = True,
+        guidance: torch.Tensor | float | None = None,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        """(B, C, H, W) noisy images, (B,) or scalar timesteps, (B,) labels -> (B, C or 2C, H, W)."""
+        """(B, C, H, W) noisy images, (B,) or scalar timesteps, (B,) labels -> (B, C or 2C, H, W); ``guidance``: the
+        (B,) or scalar guidance scales of a model with ``guidance_embedding`` (1 = none), which it requires."""
         factor = 2 ** (len(self.config.channel_mult) - 1)
         if sample.shape[-1] % factor or sample.shape[-2] % factor:
             raise ValueError(f"input size {tuple(sample.shape[-2:])} must be divisible by {factor} for this U-Net")
@@ -269,6 +281,13 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             timestep = torch.tensor([timestep], device=sample.device)
         timestep = timestep.reshape(-1).expand(sample.shape[0])
         t_emb = self.time_mlp(sinusoidal_embedding(timestep, self.config.base_channels).to(sample.dtype))
+        if self.config.guidance_embedding:
+            if guidance is None:
+                raise ValueError("this U-Net takes the guidance scale as an input (guidance_embedding): pass guidance=w, 1 = none")
+            scale = torch.as_tensor(guidance, device=sample.device).reshape(-1).expand(sample.shape[0])
+            t_emb = t_emb + self.guidance_mlp(sinusoidal_embedding((scale - 1) * 1000, self.config.base_channels).to(sample.dtype))
+        elif guidance is not None:
+            raise ValueError("guidance given, but this U-Net has no guidance embedding; guide it with the pipeline's guidance_scale")
         c_emb = self.class_mlp(class_labels)
 
         h = self.conv_in(sample)
