@@ -15,6 +15,9 @@ evaluations times the time of one batched forward of the U-Net (both guidance ha
 chunk), so it shows what the sampler, scheduler and pipeline add on top of the network itself.
 ``--chunks 10,25,50,100`` instead times one sampler at several chunk sizes and precisions against that floor
 (how ``pipeline.sampling.sampling_batch`` and the pipeline's ``mixed_precision="auto"`` were chosen).
+``--student DIR`` adds rows for a distilled student of the pipeline (``python -m pipeline.distill``) at
+``--student-steps`` with its own sampler, on the same classes, seeds and scorer; its column of U-Net evaluations per
+image counts one per step where the guided pipeline counts two.
 ``--readme-call`` times the README's sampling call, ``pipe(class_labels=[two names], num_images_per_label=k,
 guidance_scale=3.0, num_inference_steps=20).images`` on the pipeline as loaded, against ``generate`` with the same
 scheduler, steps and guidance: as written (k = 4) and at ``generate``'s own chunk, interleaved ``--repeats`` times.
@@ -47,18 +50,18 @@ SCHEDULES = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20), ("
 
 
 def forward_floor(pipe: ConditionalDiffusionPipeline, chunk: int, guidance: float, precision: str, repeats: int = 5) -> float:
-    """Seconds per image of one model evaluation: the median time of a forward of ``chunk`` images (twice that
-    batch with guidance, as the pipeline runs both halves in one forward), divided by ``chunk``."""
+    """Seconds per image of one model evaluation: the median time of the pipeline's guided prediction for ``chunk``
+    images (one forward of twice that batch with guidance, as the pipeline runs both halves together; one of ``chunk``
+    for a distilled student, which takes the scale as an input), divided by ``chunk``."""
     config = pipe.unet.config
-    batch = chunk * (2 if guidance != 1.0 else 1)
-    x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, device=pipe.device)
+    x = torch.randn(chunk, config.in_channels, config.sample_size, config.sample_size, device=pipe.device)
     t = torch.full((), 500, device=pipe.device)
-    labels = torch.zeros(batch, dtype=torch.long, device=pipe.device)
+    labels = torch.zeros(chunk, dtype=torch.long, device=pipe.device)
     times = []
     with torch.no_grad(), sampling_autocast(precision, pipe.device, pipe.unet.dtype):
         for _ in range(repeats + 1):  # the first call warms up
             started = time.perf_counter()
-            pipe.unet(x, t, labels)
+            pipe.predict_noise(x, t, labels, guidance)
             times.append(time.perf_counter() - started)
     return sorted(times[1:])[repeats // 2] / chunk
 
@@ -80,11 +83,16 @@ def chunk_sweep(pipe: ConditionalDiffusionPipeline, args: argparse.Namespace) ->
                   f"{per_image / floor:.2f}x |", flush=True)
 
 
+def sampler_name(pipe: ConditionalDiffusionPipeline) -> str:
+    """The name (``SAMPLERS``' key) of the scheduler ``pipe`` ships with."""
+    return next(name for name, scheduler in SAMPLERS.items() if type(pipe.scheduler) is scheduler)
+
+
 def readme_call(pipe: ConditionalDiffusionPipeline, args: argparse.Namespace) -> None:
     """Seconds per image of the README's call against ``generate``'s on the same model (median of ``--repeats``)."""
     chunk = args.batch_size or sampling_batch(pipe.device)
     names = pipe.class_names[:2]
-    sampler = next(name for name, scheduler in SAMPLERS.items() if type(pipe.scheduler) is scheduler)
+    sampler = sampler_name(pipe)
     settings = SampleConfig(sampler=sampler, num_inference_steps=20, guidance_scale=3.0)
     per_class = max(1, chunk // len(pipe.class_names))
     pipe.set_progress_bar_config(disable=True)
@@ -123,6 +131,9 @@ def main() -> None:
     parser.add_argument("--chunks", help="time the first schedule at these chunk sizes against the forward floor, e.g. 10,25,50,100")
     parser.add_argument("--readme-call", action="store_true", help="time the README's pipe(...) call against generate()")
     parser.add_argument("--repeats", type=int, default=3, help="with --readme-call: interleaved repeats (the median is shown)")
+    parser.add_argument("--student", help="a distilled student of --pipeline (python -m pipeline.distill): rows for it too, "
+                                          "with its own sampler at --student-steps")
+    parser.add_argument("--student-steps", default="1,2,4,8", help="the student's step counts")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     try:
@@ -139,29 +150,34 @@ def main() -> None:
     chunk = args.batch_size or sampling_batch(pipe.device)
     dataset = saved_run_config(args.pipeline).data.dataset
     evaluator = Evaluator(dataset, metrics=("accuracy", "cfid"))
-    schedules = [(s.split(":")[0], int(s.split(":")[1])) for s in args.schedules.split(",")]
+    models = [("pipeline", pipe, [(s.split(":")[0], int(s.split(":")[1])) for s in args.schedules.split(",")])]
+    if args.student:
+        student = ConditionalDiffusionPipeline.from_pretrained(pipeline_location(args.student))
+        models.append(("student", student, [(sampler_name(student), int(n)) for n in args.student_steps.split(",")]))
     print(f"data set {dataset}, chunk {chunk}")
-    print("| sampler | steps (NFE) | guidance | precision | s / image | vs floor | speed-up vs first row | conditional accuracy | "
-          "classifier-FID |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | sampler | steps | U-Net evaluations / image | guidance | precision | s / image | vs floor | speed-up vs first row | "
+          "conditional accuracy | classifier-FID |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows, reference = [], None
     for guidance in (float(g) for g in args.guidance.split(",")):
         for precision in args.precisions.split(","):
-            for sampler, steps in schedules:
-                sample = SampleConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=guidance)
-                started = time.perf_counter()
-                samples = generate(pipe, args.per_class, sample, seed=0, batch_size=chunk, mixed_precision=precision)
-                per_image = (time.perf_counter() - started) / len(samples)
-                floor = forward_floor(pipe, chunk, guidance, precision) * steps
-                score = evaluator.score(samples)
-                reference = reference or per_image
-                stderr = math.sqrt(score["accuracy"] * (1 - score["accuracy"]) / score["n"])
-                rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "precision": precision,
-                             "s_per_image": per_image, "floor_s_per_image": floor, "accuracy": score["accuracy"], "accuracy_stderr": stderr,
-                             "cfid": score["cfid"], "n": score["n"]})
-                print(f"| {sampler} | {steps} | {guidance:g} | {precision} | {per_image:.4f} | {per_image / floor:.2f}x | "
-                      f"{reference / per_image:.1f}x | "
-                      f"{100 * score['accuracy']:.1f} % ± {100 * stderr:.1f} | {score['cfid']:.2f} |", flush=True)
+            for model, model_pipe, schedules in models:
+                for sampler, steps in schedules:
+                    sample = SampleConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=guidance)
+                    started = time.perf_counter()
+                    samples = generate(model_pipe, args.per_class, sample, seed=0, batch_size=chunk, mixed_precision=precision)
+                    per_image = (time.perf_counter() - started) / len(samples)
+                    floor = forward_floor(model_pipe, chunk, guidance, precision) * steps
+                    evaluations = steps * (2 if guidance != 1.0 and not model_pipe.unet.config.get("guidance_embedding") else 1)
+                    score = evaluator.score(samples)
+                    reference = reference or per_image
+                    stderr = math.sqrt(score["accuracy"] * (1 - score["accuracy"]) / score["n"])
+                    rows.append({"model": model, "sampler": sampler, "steps": steps, "unet_evaluations": evaluations,
+                                 "guidance": guidance, "precision": precision, "s_per_image": per_image, "floor_s_per_image": floor,
+                                 "accuracy": score["accuracy"], "accuracy_stderr": stderr, "cfid": score["cfid"], "n": score["n"]})
+                    print(f"| {model} | {sampler} | {steps} | {evaluations} | {guidance:g} | {precision} | {per_image:.4f} | "
+                          f"{per_image / floor:.2f}x | {reference / per_image:.1f}x | "
+                          f"{100 * score['accuracy']:.1f} % ± {100 * stderr:.1f} | {score['cfid']:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import draccus
 import yaml
 from draccus.utils import DecodingError, ParsingError
 
-from pipeline.config_decoding import Yaml12Loader, close_matches  # importing it registers the decoders decode() uses
+from pipeline.config_decoding import close_matches, read_yaml, type_name  # importing it registers the decoders decode() uses
 from pipeline.errors import ConfigError
 from pipeline.guidance import GUIDANCE_RAMPS, check_guidance_settings
 from pipeline.names import (
@@ -177,15 +176,13 @@ class DistillConfig:
     """Few-step distillation of a trained pipeline (``python -m pipeline.distill``, docs/samplers.md): a student that
     takes the guidance scale as an input and samples in a few steps, one U-Net evaluation each."""
 
-    teacher: str | None = _opt(None, "the trained pipeline folder to distil (none = ordinary training); the student "
-                                     "starts from its weights, with a guidance embedding")
+    teacher: str | None = _opt(None, "the trained pipeline folder to distil (none: ordinary training); the student starts from it")
     method: DistillMethod = _opt("segment", "segment: progressive distillation onto the ddim grid of sample.num_inference_steps "
-                                            "(the pilots' winner, docs/samplers.md); consistency: LCM-style consistency "
-                                            "distillation, sampled by lcm at any step count")
+                                            "(docs/samplers.md); consistency: LCM-style, sampled by lcm at any step count")
     guidance_range: tuple[float, float] = _opt((1.0, 5.0), "guidance scales the student learns, drawn uniformly per image (lo, hi)")
-    teacher_steps: int = _opt(20, "the teacher's guided DDIM grid from T to 0: consistency distils one of its steps (LCM's "
-                                  "skip T / teacher_steps), segment solves a student step with teacher_steps / "
-                                  "sample.num_inference_steps of them")
+    embedding_lr_scale: float = _opt(1.0, "learning rate of the zero-initialised guidance embedding, as a multiple of train.lr")
+    teacher_steps: int = _opt(20, "the teacher's guided grid from T to 0: consistency distils one DDIM step of it, segment "
+                                  "solves a student step with teacher_steps / sample.num_inference_steps of them")
 
 
 @dataclass
@@ -301,6 +298,7 @@ def _distill_checks(distill: DistillConfig, sample: SampleConfig, timesteps: int
         (0 <= lo <= hi < math.inf, f"distill.guidance_range must be two finite scales 0 <= lo <= hi, got {lo:g},{hi:g}"),
         (lo <= sample.guidance_scale <= hi, f"sample.guidance_scale {sample.guidance_scale:g} is outside distill.guidance_range "
                                             f"{lo:g},{hi:g}, the scales the student learns"),
+        (0 < distill.embedding_lr_scale < math.inf, f"distill.embedding_lr_scale must be > 0, got {distill.embedding_lr_scale:g}"),
         (1 <= distill.teacher_steps <= timesteps, f"distill.teacher_steps must be in 1..diffusion.num_train_timesteps ({timesteps})"),
         (sample.sampler == sampler, f"distill.method {distill.method} samples with sample.sampler {sampler}, not {sample.sampler}"),
         (distill.method != "consistency" or steps <= distill.teacher_steps, f"sample.num_inference_steps {steps} exceeds "
@@ -319,30 +317,44 @@ def _guidance_problem(sample: SampleConfig) -> str | None:
     return None
 
 
-def read_yaml(path: Path) -> Any:
-    """A config or study file, with YAML 1.2 booleans (only true/false), as ``config_decoding.Yaml12Loader`` reads them."""
-    return yaml.load(path.read_text(), Loader=Yaml12Loader)
+def config_sections(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's sections (``{"train": {"lr": ...}, ...}``), with those of its ``base:`` file (a path relative
+    to the file, itself read so) underneath: a section's keys in the file replace the base's, key by key. ConfigError
+    naming the file for a missing file, an unknown section or key, or a ``base`` chain that comes back to itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/mnist.yaml")
+    sections = read_yaml(path) or {}
+    if not isinstance(sections, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(sections).__name__}")
+    base = sections.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base must name another config file, e.g. base: cifar10-cpu.yaml")
+        if (path.parent / base).resolve() in (*_including, path.resolve()):
+            raise ConfigError(f"{path}: base {base} leads back to {path}; a config cannot be its own base")
+        merged = config_sections(path.parent / base, (*_including, path.resolve()))
+        for section, keys in sections.items():
+            both_mappings = isinstance(keys, dict) and isinstance(merged.get(section), dict)
+            merged[section] = {**merged[section], **keys} if both_mappings else keys
+        sections = merged
+    try:
+        _check_keys(Config, sections)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return sections
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Build a Config from defaults, then a YAML file, then overrides.
+    """Build a Config from defaults, then a YAML file (``config_sections``: with its ``base:`` file underneath), then
+    overrides.
 
     Args:
-        path: YAML file with any of the sections ``model``, ``diffusion``, ``data``, ``train``, ``sample``, ``distill``.
+        path: YAML file with any of the sections ``model``, ``diffusion``, ``data``, ``train``, ``sample``, ``distill``,
+            and optionally ``base: OTHER.yaml``.
         overrides: ``["--train.lr", "1e-4", "--data.max_samples=512"]`` or ``{"train.lr": 1e-4}``.
     """
-    sections: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/mnist.yaml")
-        sections = read_yaml(path) or {}
-        if not isinstance(sections, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(sections).__name__}")
-        try:
-            _check_keys(Config, sections)
-        except ConfigError as error:
-            raise ConfigError(f"{path}: {error}") from None
+    sections = config_sections(path) if path is not None else {}
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for dotted, value in pairs.items():
         if "." not in dotted:
@@ -382,18 +394,7 @@ def options_help() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            kind = _type_name(hints[f.name])
+            kind = type_name(hints[f.name])
             lines.append(f"  --{section}.{f.name} {kind} (default {shown})\n      {f.metadata['help']}")
     return "\n".join(lines)
 
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        return "{" + "|".join(map(str, args)) + "}"
-    if origin in (typing.Union, types.UnionType):
-        return _type_name(next(a for a in args if a is not type(None))) + "|none"
-    if origin in (tuple, list):
-        return f"{_type_name(args[0])},..." if len(args) == 1 or args[-1] is Ellipsis else ",".join(map(_type_name, args))
-    return getattr(hint, "__name__", str(hint))

@@ -23,6 +23,7 @@ import re
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import draccus
@@ -140,3 +141,21 @@ for _type, _decoder in [(bool, _decode_bool), (int, _decode_number), (float, _de
                         (types.UnionType, _decode_union)]:
     draccus.decode.register(_type, _decoder, include_subclasses=True)
 get_decoding_fn.cache_clear()  # draccus caches a decoder per type; none built before these registrations may stay
+
+
+def read_yaml(path: Path) -> Any:
+    """A config or study file, with YAML 1.2 booleans (only true/false), as ``Yaml12Loader`` reads them."""
+    return yaml.load(path.read_text(), Loader=Yaml12Loader)
+
+
+def type_name(hint: Any) -> str:
+    """A config field's type as ``--help`` shows it: ``{a|b}``, ``int|none``, ``int,...``, ``float,float``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        return "{" + "|".join(map(str, args)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return type_name(next(a for a in args if a is not type(None))) + "|none"
+    if origin in (tuple, list):
+        return f"{type_name(args[0])},..." if len(args) == 1 or args[-1] is Ellipsis else ",".join(map(type_name, args))
+    return getattr(hint, "__name__", str(hint))

@@ -1,12 +1,14 @@
 """A Space-style web demo of a trained pipeline: pick classes, press Generate, see and download the images.
 
-    python -m pipeline.demo                                  # data/pretrained/cifar10-cpu, else runs/quickstart/pipeline
+    python -m pipeline.demo                                  # the first of DEFAULT_PIPELINES that is there
     python -m pipeline.demo --pipeline runs/x/pipeline --port 7860
 
 The page (Gradio, ``pip install -e '.[demo]'``) takes one or more classes by name, the guidance scale, sampler,
 steps, seed, images per class and, optionally, a guidance ramp and interval (docs/samplers.md), and shows the grid
 (one row per class), the reverse process (the predicted x_0 of the first image of each class at evenly spaced
-steps, as in the seed paper's figure), and a zip of the PNGs.
+steps, as in the seed paper's figure), and a zip of the PNGs. A distilled student (``python -m pipeline.distill``)
+comes with a switch to its teacher (``distill.teacher`` of its config, where that folder is here): the page opens on
+the student, and each model brings its own sampler, steps and guidance.
 Bad input is a message in the page's status line, in the page's own words (``LABELS``), in place of the last
 result; the server keeps running. The same function is the ``/generate`` endpoint of the Gradio API
 (``gradio_client``), where bad input is an error (``AppError``). The page's title names the pipeline by its run's or
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +48,9 @@ if TYPE_CHECKING:  # torch, diffusers and gradio are imported once the command l
 
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 
-DEFAULT_PIPELINES = (PROJECT_ROOT / "data" / "pretrained" / "cifar10-cpu", PROJECT_ROOT / "runs" / "quickstart" / "pipeline")
+# the 4-step student first: it opens the page with a switch to its teacher, the next one
+DEFAULT_PIPELINES = tuple(PROJECT_ROOT / folder for folder in ("data/pretrained/cifar10-cpu-4step", "data/pretrained/cifar10-cpu",
+                                                               "runs/quickstart/pipeline"))
 MAX_PER_CLASS = 8
 MAX_STEPS = 1000  # the length of the training schedule (diffusion.num_train_timesteps' default)
 MAX_IMAGES = 80  # one U-Net batch per request: ten classes of eight
@@ -58,7 +63,7 @@ REVERSE_COLUMNS = 8
 DISPLAY_SIZE = 96  # pixels per image on the page (MNIST's 28 would be tiny)
 # What the page calls its fields: each component's label starts with its name here, and the page's messages name the
 # fields so (page_message)
-LABELS = {"classes": "Classes", "guidance_scale": "Guidance scale", "guidance_ramp": "Guidance ramp",
+LABELS = {"model": "Model", "classes": "Classes", "guidance_scale": "Guidance scale", "guidance_ramp": "Guidance ramp",
           "guidance_interval": "Guidance interval", "sampler": "Sampler", "steps": "Steps", "seed": "Seed",
           "per_class": "Images per class"}
 # the names the shared checks (sampling settings, the pipeline's arguments) give the same fields -> LABELS' keys
@@ -68,30 +73,58 @@ CODE_NAMES = {"class_labels": "classes", "guidance_scale": "guidance_scale", "gu
 
 
 def default_pipeline() -> Path | None:
-    """The committed pretrained pipeline if there is one, else the quickstart run's export, else None."""
+    """The first of ``DEFAULT_PIPELINES`` that holds an export (committed pretrained ones, else the quickstart's), or None."""
     return next((path for path in DEFAULT_PIPELINES if (path / "model_index.json").is_file()), None)
 
 
-class Generator:
-    """Samples a pipeline for the page: ``__call__`` is the ``/generate`` endpoint. ``out_dir`` is its own folder,
-    emptied when a request writes its zip: requests are served one at a time (``main``'s queue), so by then Gradio
-    has copied the previous one's zip to its cache."""
+@dataclass
+class Model:
+    """A pipeline the page samples: its sampling defaults (its run's ``sample`` section) and whether it samples in bf16
+    (its run trained in bf16)."""
 
-    def __init__(self, pipe: ConditionalDiffusionPipeline, bf16: bool, out_dir: Path):
-        self.pipe, self.bf16, self.out_dir = pipe, bf16, out_dir
+    pipe: ConditionalDiffusionPipeline
+    bf16: bool
+    defaults: SampleConfig
+
+
+def teacher_of(config_teacher: str | None) -> Path | None:
+    """A student's teacher folder (its config's ``distill.teacher``) as a path here: as given, else under the project
+    (where ``python -m pipeline.distill`` ran); None for no student or a teacher that is not here."""
+    if not config_teacher:
+        return None
+    return next((path for path in (Path(config_teacher), PROJECT_ROOT / config_teacher) if (path / "model_index.json").is_file()),
+                None)
+
+
+class Generator:
+    """Samples the page's models (name -> ``Model``; the first is the default): ``__call__`` is the ``/generate``
+    endpoint. ``out_dir`` is its own folder, emptied when a request writes its zip: requests are served one at a time
+    (``main``'s queue), so by then Gradio has copied the previous one's zip to its cache."""
+
+    def __init__(self, models: dict[str, Model], out_dir: Path):
+        self.models, self.out_dir = models, out_dir
+
+    def model(self, name: str = "") -> Model:
+        """The model called ``name`` (empty: the default); ValueError naming the choices for another name."""
+        if not name:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise ValueError(f"{LABELS['model']}: no model {name!r} here; choose one of {', '.join(map(repr, self.models))}")
+        return self.models[name]
 
     def __call__(self, classes: list[str], guidance_scale: float, sampler: str, steps: float, seed: float,
-                 per_class: float, guidance_ramp: str = "constant", guidance_interval: str = ""
+                 per_class: float, guidance_ramp: str = "constant", guidance_interval: str = "", model: str = ""
                  ) -> tuple[PIL.Image.Image, PIL.Image.Image, str, str]:
         """-> (grid: one row per class, reverse process strip, zip of the PNGs, status line). ``guidance_interval``
-        is ``LO,HI`` (guide only where sigma_t is in (LO, HI]) or empty for every step. Raises ValueError (shown on
-        the page) for bad input."""
+        is ``LO,HI`` (guide only where sigma_t is in (LO, HI]) or empty for every step; ``model`` one of the page's
+        models (empty: the default). Raises ValueError (shown on the page) for bad input."""
         import numpy as np
         import torch
         import torchvision
 
         from pipeline.sampling import sample_images
 
+        chosen = self.model(model)
         classes = list(dict.fromkeys(classes or ()))  # a class asked for twice is sampled once
         steps = _whole(steps, LABELS["steps"], 1, MAX_STEPS)
         seed = _whole(seed, LABELS["seed"], 0, MAX_SEED)
@@ -101,11 +134,11 @@ class Generator:
         # an empty interval box is every step, not the run's interval
         settings = sample_settings(SampleConfig(), sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale,
                                    guidance_ramp=guidance_ramp, guidance_interval=(guidance_interval or "").strip() or "none")
-        self.pipe.check_guidance(settings.guidance_scale, settings.guidance_interval, settings.guidance_ramp)
+        chosen.pipe.check_guidance(settings.guidance_scale, settings.guidance_interval, settings.guidance_ramp)
         started = time.perf_counter()
-        autocast = torch.autocast(self.pipe.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        autocast = torch.autocast(chosen.pipe.device.type, dtype=torch.bfloat16) if chosen.bf16 else contextlib.nullcontext()
         with autocast:
-            out = sample_images(self.pipe, settings, classes, seed, num_images_per_label=per_class, output_type="pt",
+            out = sample_images(chosen.pipe, settings, classes, seed, num_images_per_label=per_class, output_type="pt",
                                 return_intermediates=True)
         seconds = time.perf_counter() - started
         grid = _image(torchvision.utils.make_grid(out.images, nrow=per_class, padding=2, pad_value=1.0), self._scale(out.images))
@@ -113,16 +146,18 @@ class Generator:
         firsts = slice(None, None, per_class)  # the first image of each class
         frames = torch.stack([out.intermediates[i][firsts] for i in picks], dim=1).flatten(0, 1)
         strip = _image(torchvision.utils.make_grid(frames, nrow=len(picks), padding=2, pad_value=1.0), self._scale(out.images))
-        archive = self._archive(out.images, out.class_labels)
-        message = (f"{len(out.images)} images ({', '.join(classes)}) in {seconds:.1f} s: {sampler}, {steps} steps, "
-                   f"{settings.guidance_text()}, seed {seed}. Reverse process: predicted x_0 after step "
-                   f"{', '.join(str(i + 1) for i in picks)} of {steps}.")
+        archive = self._archive(out.images, out.class_labels, chosen.pipe.class_names)
+        evaluations = steps * (1 if chosen.pipe.unet.config.get("guidance_embedding") or settings.guidance_scale == 1 else 2)
+        which = f"{model or next(iter(self.models))}: " if len(self.models) > 1 else ""
+        message = (f"{which}{len(out.images)} images ({', '.join(classes)}) in {seconds:.1f} s: {sampler}, {steps} steps, "
+                   f"{settings.guidance_text()}, seed {seed}, {evaluations} U-Net evaluations per image. Reverse process: "
+                   f"predicted x_0 after step {', '.join(str(i + 1) for i in picks)} of {steps}.")
         return grid, strip, str(archive), message
 
     def _scale(self, images: torch.Tensor) -> int:
         return max(1, DISPLAY_SIZE // images.shape[-1])
 
-    def _archive(self, images: torch.Tensor, labels: torch.Tensor) -> Path:
+    def _archive(self, images: torch.Tensor, labels: torch.Tensor, names: list[str]) -> Path:
         """A zip of one PNG per image (``png_name``) in a fresh folder of ``out_dir``, after removing the earlier
         requests' folders (Gradio serves its own copies of their zips)."""
         import torchvision
@@ -130,7 +165,6 @@ class Generator:
         for old in self.out_dir.iterdir():
             shutil.rmtree(old, ignore_errors=True)
         archive = Path(tempfile.mkdtemp(dir=self.out_dir)) / "samples.zip"
-        names = self.pipe.class_names
         with zipfile.ZipFile(archive, "w") as zf:
             for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
                 png = io.BytesIO()  # straight into the zip: no loose files
@@ -198,13 +232,15 @@ def display_name(location: str | Path) -> str:
     return folder.parent.name if folder.name == "pipeline" else folder.name
 
 
-def build_demo(generator: Generator, defaults: SampleConfig, title: str):
-    """The Gradio page around ``generator``. Its button shows a refusal in the status line in place of the last
-    result (images cleared); the ``/generate`` endpoint, the same function behind a hidden button, raises it for the
-    API's clients. Both queue as one: one request at a time."""
+def build_demo(generator: Generator, title: str):
+    """The Gradio page around ``generator``, set to its default model's sampling settings; with more than one model a
+    switch that sets the fields to the chosen model's. Its button shows a refusal in the status line in place of the
+    last result (images cleared); the ``/generate`` endpoint, the same function behind a hidden button, raises it for
+    the API's clients. Both queue as one: one request at a time."""
     import gradio as gr
 
-    pipe = generator.pipe
+    first = generator.model()
+    pipe, defaults = first.pipe, first.defaults
 
     def generate(*args):
         try:
@@ -223,6 +259,8 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
                     f"{pipe.unet.config.sample_size}x{pipe.unet.config.sample_size} images, sampled on this machine.")
         with gr.Row():
             with gr.Column(scale=1):
+                names = list(generator.models)
+                model = gr.Radio(names, value=names[0], label=LABELS["model"], visible=len(names) > 1, elem_id="model")
                 classes = gr.CheckboxGroup(pipe.class_names, value=[pipe.class_names[0]], label=LABELS["classes"], elem_id="classes")
                 guided = pipe.unet.null_class is not None
                 guidance = gr.Slider(0.0, 10.0, value=defaults.guidance_scale if guided else 1.0, step=0.5,
@@ -244,7 +282,13 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
                 grid = gr.Image(label="Samples (one row per class)", type="pil", format="png", elem_id="grid")
                 strip = gr.Image(label="Reverse process (predicted x_0)", type="pil", format="png", elem_id="reverse")
                 download = gr.File(label="Download the images (zip of PNGs)", elem_id="download")
-        inputs, outputs = [classes, guidance, sampler, steps, seed, per_class, ramp, interval], [grid, strip, download, status]
+        inputs, outputs = [classes, guidance, sampler, steps, seed, per_class, ramp, interval, model], [grid, strip, download, status]
+
+        def switch(name: str):  # the chosen model's own sampler, steps and guidance
+            chosen = generator.model(name).defaults
+            return chosen.sampler, chosen.num_inference_steps, chosen.guidance_scale
+
+        model.change(switch, model, [sampler, steps, guidance], api_visibility="private")
         button.click(generate_on_page, inputs, outputs, api_visibility="private", concurrency_id="generate")
         api_button.click(generate, inputs, outputs, api_name="generate", concurrency_id="generate")
     return demo
@@ -252,8 +296,9 @@ def build_demo(generator: Generator, defaults: SampleConfig, title: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", default=None, help="an exported pipeline folder or hub id (default: "
-                                                         "data/pretrained/cifar10-cpu, else runs/quickstart/pipeline)")
+    parser.add_argument("--pipeline", default=None, help="an exported pipeline folder or hub id (default: the first of "
+                                                         + ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in DEFAULT_PIPELINES)
+                                                         + " that is there)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
@@ -270,12 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
     from pipeline.sampling import saved_run_config
 
-    pipe = ConditionalDiffusionPipeline.from_pretrained(location)
-    run = saved_run_config(location)
+    def load(where: str | Path) -> Model:
+        run = saved_run_config(where)
+        return Model(ConditionalDiffusionPipeline.from_pretrained(where), run.train.mixed_precision == "bf16", run.sample)
+
+    opened = load(location)
+    models = {display_name(location): opened}
+    if opened.pipe.unet.config.get("guidance_embedding") and (teacher := teacher_of(saved_run_config(location).distill.teacher)):
+        models = {f"{display_name(location)} (distilled student)": opened, f"{display_name(teacher)} (its teacher)": load(teacher)}
     signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="ddpm-demo-") as out_dir:  # removed when the server stops
-        generator = Generator(pipe, bf16=run.train.mixed_precision == "bf16", out_dir=Path(out_dir))
-        demo = build_demo(generator, run.sample, title=f"Class-conditional DDPM: {display_name(location)}")
+        generator = Generator(models, out_dir=Path(out_dir))
+        demo = build_demo(generator, title=f"Class-conditional DDPM: {display_name(location)}")
         demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE).launch(server_name=args.host, server_port=args.port,
                                                                             allowed_paths=[out_dir])
     return 0

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, DistillConfig, load_config, parse_overrides, read_yaml
+from pipeline.config import Config, DistillConfig, config_sections, load_config, parse_overrides
 from pipeline.errors import ConfigError
 from pipeline.names import DISTILL_METHODS
 from pipeline.sample_flags import run_config_file
@@ -32,11 +32,10 @@ STUDENT_STEPS = 4  # the student's default sample.num_inference_steps (the issue
 
 
 def yaml_pairs(path: Path) -> dict[str, Any]:
-    """A config file's values as ``section.key`` pairs; ConfigError for a file that is no mapping of sections."""
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
-    sections = read_yaml(path) or {}
-    if not isinstance(sections, dict) or not all(isinstance(keys, dict) for keys in sections.values()):
+    """A config file's values (``config_sections``: its ``base:`` file's underneath) as ``section.key`` pairs;
+    ConfigError for a file that is no mapping of sections."""
+    sections = config_sections(path)
+    if not all(isinstance(keys, dict) for keys in sections.values()):
         raise ConfigError(f"{path}: expected a mapping of sections, each a mapping of key: value")
     return {f"{section}.{key}": value for section, keys in sections.items() for key, value in keys.items()}
 

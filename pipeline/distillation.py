@@ -13,9 +13,10 @@ forward per step:
   any number of steps up to ``teacher_steps``.
 - ``segment`` (one round of progressive distillation, Salimans & Ho 2022, guided as in Meng et al. 2023): on DDIM's
   trailing grid of N = ``sample.num_inference_steps`` steps, the teacher solves each step t -> t' of the data noised
-  at t with teacher_steps / N guided DDIM steps, and the student learns the x_0 that makes one DDIM step land on the
-  teacher's result, ``x_0* = (x_t' - (sigma_t'/sigma_t) x_t) / (alpha_t' - (sigma_t'/sigma_t) alpha_t)`` (the
-  teacher's x_0 for the last step), in the teacher's own output (epsilon or v: the v loss is PD's SNR + 1 weighting).
+  at t with teacher_steps / N guided DPM-Solver++(2M) steps (``teacher_solve``, the sampler it is scored with), and
+  the student learns the x_0 that makes one DDIM step land on the teacher's result,
+  ``x_0* = (x_t' - (sigma_t'/sigma_t) x_t) / (alpha_t' - (sigma_t'/sigma_t) alpha_t)`` (the teacher's x_0 for the last
+  step), in the teacher's own output (epsilon or v: the v loss is PD's SNR + 1 weighting).
 
 Notation: x_t = alpha_t x_0 + sigma_t eps, alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), from the
 student's sampler (LCMScheduler or DDIMScheduler on the training schedule); time -1 is DDIM's clean end (alpha_bar =
@@ -115,6 +116,36 @@ def consistency_loss(student: Student, teacher: ConditionalUNet, clean: torch.Te
     return pseudo_huber(online - target)
 
 
+def log_snr_half(coefficients: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """lambda = log(alpha / sigma), DPM-Solver's time variable, for (alpha, sigma) with sigma > 0."""
+    alpha, sigma = coefficients
+    return alpha.log() - sigma.log()
+
+
+def teacher_solve(teacher: ConditionalUNet, x: torch.Tensor, start: torch.Tensor, end: torch.Tensor, substeps: int,
+                  labels: torch.Tensor, w: torch.Tensor, sampler: SchedulerMixin) -> torch.Tensor:
+    """The guided teacher's solution at (B,) times ``end`` of (B, C, H, W) ``x`` at (B,) times ``start``, in ``substeps``
+    steps at the integer times between them: DPM-Solver++(2M) (Lu et al. 2022), the solver the teacher is scored with,
+    as diffusers' ``DPMSolverMultistepScheduler`` runs it (first order at the first step and into the clean end, x_0
+    clipped). From t = T - 1 to the clean end in 20 steps it is that scheduler's 20-step sample."""
+    previous = None  # (x_0, lambda) of the step before
+    for j in range(1, substeps + 1):
+        t, t_next = start - (start - end) * (j - 1) // substeps, start - (start - end) * j // substeps
+        now, then = noise_coefficients(sampler, t), noise_coefficients(sampler, t_next)
+        x0 = guided_x0(teacher, x, t, labels, w, sampler)
+        x_next = ddim_step(x, x0, now, then)  # DPM-Solver++'s first-order step is DDIM's
+        lam = log_snr_half(now)
+        if previous is not None:  # the second-order correction, where the step does not end at the clean image
+            x0_before, lam_before = previous
+            ends_noisy = then[1] > 0
+            lam_next = log_snr_half((then[0], then[1].clamp(min=1e-12)))
+            h = lam_next - lam
+            correction = -then[0] * torch.expm1(-h) * 0.5 * (x0 - x0_before) * h / (lam - lam_before)
+            x_next = torch.where(ends_noisy, x_next + correction, x_next)
+        previous, x = (x0, lam), x_next
+    return x
+
+
 def segment_loss(student: Student, teacher: ConditionalUNet, clean: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
                  timesteps: torch.Tensor, w: torch.Tensor, sampler: SchedulerMixin, cfg: Config) -> torch.Tensor:
     """One-round progressive distillation's loss for a batch, as ``consistency_loss`` takes it; the ``timesteps``
@@ -127,13 +158,8 @@ def segment_loss(student: Student, teacher: ConditionalUNet, clean: torch.Tensor
     substeps = cfg.distill.teacher_steps // steps
     start_coefficients = noise_coefficients(sampler, start)
     noisy = start_coefficients[0] * clean + start_coefficients[1] * noise
-    x, t = noisy, start
     with torch.no_grad():
-        for j in range(1, substeps + 1):  # teacher DDIM steps at the integer times between start and end
-            t_next = start - (start - end) * j // substeps
-            x = ddim_step(x, guided_x0(teacher, x, t, labels, w, sampler), noise_coefficients(sampler, t),
-                          noise_coefficients(sampler, t_next))
-            t = t_next
+        x = teacher_solve(teacher, noisy, start, end, substeps, labels, w, sampler)
         x0 = one_step_x0(noisy, x, start_coefficients, noise_coefficients(sampler, end))
         target = model_target(x0, noisy, *start_coefficients, sampler.config.prediction_type)
     output = student(noisy, start, labels, guidance=w).sample.float()

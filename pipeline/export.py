@@ -38,7 +38,15 @@ from diffusers import DiffusionPipeline, SchedulerMixin
 from pipeline.atomic import EXPORT_MARKER, rebuilt, replace_problem
 from pipeline.config import Config, SampleConfig, decode, load_config
 from pipeline.errors import ConfigError
-from pipeline.model_card import TrainingRecord, last_metrics, model_card_text, shipped_code, with_shipped_code, write_model_card
+from pipeline.model_card import (
+    FIGURE_FILE,
+    TrainingRecord,
+    last_metrics,
+    model_card_text,
+    shipped_code,
+    with_shipped_code,
+    write_model_card,
+)
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.sampling import saved_run_config
@@ -141,15 +149,19 @@ def export_pipeline(unet: ConditionalUNet, scheduler: SchedulerMixin, output_dir
     return final
 
 
-def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None) -> None:
+def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bool, evaluation: Path | None,
+            figure: Path | None = None) -> None:
     """A copy of a run's pipeline to commit or share: the self-contained export with its card in ``out``, the run's
     config as ``config.yaml`` inside it (so evaluation and figures take its sampler, steps and guidance), the U-Net's
     weights in float16 with ``half`` (``from_pretrained`` loads them as float32), the whole training record in
     ``training.json`` (so ``--rewrite-card`` can write the card again from the folder), and with ``evaluation`` (an
     ``evaluate --out`` JSON) that file as ``metrics.json``, its table and command at the end of the card, and its
-    sampler, steps and guidance in the card, the sample grid and ``config.yaml``. ConfigError if ``out`` holds
-    anything but an export."""
+    sampler, steps and guidance in the card, the sample grid and ``config.yaml``; with ``figure`` (a PNG: the run's
+    quality against training time, say) that picture as ``FIGURE_FILE``, shown in the card's evaluation section.
+    ConfigError if ``out`` holds anything but an export, or ``figure`` is no PNG file."""
     check_target(out, f"give --out a new or empty directory, or move what {out} holds elsewhere")
+    if figure is not None and not (figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"):
+        raise ConfigError(f"--figure {figure}: no PNG file there; pass a picture that `python -m pipeline.figures` drew")
     result = read_evaluation(evaluation) if evaluation is not None else None
     if result is not None:  # ship the sampling that was measured (a guidance chosen after training, say)
         record.eval_sample = record.eval_sample or record.config.sample  # what the in-training evaluation sampled
@@ -161,6 +173,8 @@ def publish(pipe: DiffusionPipeline, out: Path, record: TrainingRecord, half: bo
         record.config.save(build / "config.yaml")
         if result is not None:
             shutil.copyfile(evaluation, build / "metrics.json")
+        if figure is not None:
+            shutil.copyfile(figure, build / FIGURE_FILE)
         write_card(pipe, build, record, last_metrics(record.run_dir), result)
 
 
@@ -169,7 +183,8 @@ def write_card(pipe: DiffusionPipeline, folder: Path, record: TrainingRecord, me
     """The published ``folder``'s ``README.md`` (with ``result``'s measured section) and its ``training.json``
     (``TrainingRecord.to_json``: what the card says beyond the folder's config, weights and ``metrics.json``)."""
     (folder / TRAINING_FILE).write_text(json.dumps(record.to_json(metrics), indent=2) + "\n")
-    (folder / "README.md").write_text(model_card_text(pipe, record, metrics, shipped_code(folder), result))
+    (folder / "README.md").write_text(model_card_text(pipe, record, metrics, shipped_code(folder), result,
+                                                      figure=(folder / FIGURE_FILE).is_file()))
 
 
 def saved_record(folder: Path) -> tuple[TrainingRecord, dict[str, tuple[int, float]]]:
@@ -251,11 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half", action="store_true", help="with --out: store the U-Net's weights in float16")
     parser.add_argument("--evaluation", type=Path, help="with --out: an `evaluate --out` JSON to ship and show on the card")
     parser.add_argument("--command", help="with --out: the training command to show on the card")
+    parser.add_argument("--figure", type=Path, help="with --out: a PNG to ship and show in the card's evaluation section "
+                                                    "(e.g. python -m pipeline.figures curve or time-to-fid)")
     args = parser.parse_args(argv)
     try:
         if args.update_code is not None or args.rewrite_card is not None:
             flag = "--update-code" if args.update_code is not None else "--rewrite-card"
-            if args.out or args.half or args.evaluation or args.command:
+            if args.out or args.half or args.evaluation or args.command or args.figure:
                 raise ConfigError(f"{flag} takes no other option: it keeps the export's weights, config and metrics")
             if args.update_code is not None:
                 update_code(args.update_code)
@@ -267,15 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.run_dir / "pipeline"
         if not (folder / EXPORT_MARKER).is_file():
             raise ConfigError(f"{folder} is not an exported pipeline (no {EXPORT_MARKER}); pass a training run's output directory")
-        if args.out is None and (args.half or args.evaluation or args.command):
-            raise ConfigError("--half, --evaluation and --command go with --out (a published copy), not a rewrite of the run")
+        if args.out is None and (args.half or args.evaluation or args.command or args.figure):
+            raise ConfigError("--half, --evaluation, --command and --figure go with --out (a published copy), not a rewrite of "
+                              "the run")
         record = TrainingRecord.of_run(args.run_dir, saved_run_config(folder))
         if (step := exported_step(folder)) is not None:  # the weights' own step; status.json may be a later start's
             record.step, record.images_seen = step, step * record.config.train.batch_size
         record.command = args.command
         pipe = ConditionalDiffusionPipeline.from_pretrained(folder)
         if args.out is not None:
-            publish(pipe, args.out, record, args.half, args.evaluation)
+            publish(pipe, args.out, record, args.half, args.evaluation, args.figure)
             print(f"wrote {args.out} (self-contained, README.md{', float16 weights' if args.half else ''})")
         else:
             export_pipeline(pipe.unet, pipe.scheduler, args.run_dir, record)

@@ -6,6 +6,7 @@
     python -m pipeline.figures loss --run runs/x [--run runs/y ...] --out loss.png     # figure 12
     python -m pipeline.figures curve --run runs/x --out curve.png                       # eval/* vs minutes and images
     python -m pipeline.figures guidance --pipeline runs/x/pipeline --scales 1,2,3,5 --out guidance.png
+    python -m pipeline.figures time-to-fid --points docs/cifar10-cpu/time-to-fid.csv --out time-to-fid.png
     python -m pipeline.figures all --pipeline runs/x/pipeline --out-dir docs/figures/x # every one of them
 
 Sampling figures take ``--sampler``, ``--steps``, ``--guidance``, ``--guidance-interval``, ``--guidance-ramp``
@@ -16,6 +17,7 @@ Sampling figures take ``--sampler``, ``--steps``, ``--guidance``, ``--guidance-i
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import sys
 from collections.abc import Mapping, Sequence
@@ -199,6 +201,43 @@ def quality_curve(run_dir: str | Path, out: str | Path, batch_size: int, tags: S
     return _save(fig, out)
 
 
+TIME_TO_FID_COLUMNS = ("run", "minutes", "images", "fid")
+
+
+def time_to_fid(points_csv: str | Path, out: str | Path) -> Path:
+    """FID against training wall-clock minutes and against images seen, one line per run through its measured
+    points (log-scaled FID). ``points_csv`` has a header with at least ``run``, ``minutes``, ``images`` and ``fid``
+    (any further columns, e.g. the command and the hardware, are for the reader)."""
+    with open(points_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows or (missing := [c for c in TIME_TO_FID_COLUMNS if c not in rows[0]]):
+        raise ValueError(f"{points_csv}: needs a header with the columns {', '.join(TIME_TO_FID_COLUMNS)} and a row per point"
+                         + (f" (missing: {', '.join(missing)})" if rows else ""))
+    runs: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows:
+        runs.setdefault(row["run"], []).append((float(row["minutes"]), float(row["images"]), float(row["fid"])))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index, (name, points) in enumerate(runs.items()):
+        points.sort()
+        for ax, axis in zip(axes, (0, 1), strict=True):
+            ax.plot([p[axis] for p in points], [p[2] for p in points], marker="o", color=f"C{index}", label=name)
+            for point in points:
+                ax.annotate(f"{point[2]:.1f}", (point[axis], point[2]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    fids = [fid for points in runs.values() for *_, fid in points]
+    ticks = [tick for tick in (5, 10, 15, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300) if min(fids) / 1.3 <= tick <= max(fids) * 1.3]
+    for axis, (ax, label) in enumerate(zip(axes, ("training wall-clock minutes", "training images seen"), strict=True)):
+        ax.set_xlabel(label)
+        ax.set_ylabel("FID (lower is better)")
+        ax.set_yscale("log")
+        ax.set_yticks(ticks, [f"{tick:g}" for tick in ticks])
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlim(0, max(point[axis] for points in runs.values() for point in points) * 1.12)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g} M"))
+    axes[0].legend(fontsize=8, loc="lower left")
+    return _save(fig, out)
+
+
 def loss_curves(runs: Mapping[str, str | Path], out: str | Path, tag: str = "train/loss") -> Path:
     """Figure 12: the training loss of each run (name -> run directory with ``tensorboard/``), log scale.
     Runs without the scalar yet (fewer steps than ``train.log_every``) are drawn empty."""
@@ -219,10 +258,12 @@ def loss_curves(runs: Mapping[str, str | Path], out: str | Path, tag: str = "tra
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.figures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", **choice_flag(["forward", "reverse", "grid", "loss", "curve", "guidance", "all"]))
+    parser.add_argument("figure", **choice_flag(["forward", "reverse", "grid", "loss", "curve", "guidance",
+                                                              "time-to-fid", "all"]))
     parser.add_argument("--pipeline", help="exported pipeline directory")
     parser.add_argument("--run", action="append", default=[], help="training output directory (loss; repeat to overlay)")
     parser.add_argument("--dataset", help="data for the forward figure (default: the run's, else data/mnist)")
+    parser.add_argument("--points", help="time-to-fid: a CSV of measured points (run, minutes, images, fid)")
     parser.add_argument("--out", help="PNG path (single figures)")
     parser.add_argument("--out-dir", help="directory for 'all'")
     add_sample_flags(parser)
@@ -259,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                 written = reverse_process(pipe, path(name), sample, args.seed)
             elif name == "grid":
                 written = class_grid(pipe, path(name), args.per_class, sample, args.seed)
+            elif name == "time-to-fid":
+                if not args.points:
+                    parser.error("time-to-fid needs --points (a CSV with the columns run, minutes, images, fid)")
+                written = time_to_fid(args.points, path(name))
             elif name == "guidance":
                 scales = [float(s) for s in args.scales.split(",")]
                 written = guidance_sweep(pipe, path(name), scales, min(args.per_class, 6), sample, args.seed)

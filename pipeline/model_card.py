@@ -31,6 +31,7 @@ from pipeline.sample_flags import SAMPLE_FLAGS
 from pipeline.student_card import distillation_lines
 
 GRID_FILE = "samples.png"
+FIGURE_FILE = "curve.png"  # a published card's figure of quality against training (``export --figure``)
 GRID_PER_CLASS = 8
 # No `pipeline_tag`: it must be one of the hub's tasks, and none is a generator conditioned on a class label
 # (`unconditional-image-generation` claims no conditioning, `text-to-image` a prompt); the hub's class-conditional
@@ -308,10 +309,19 @@ def evaluation_lines(record: TrainingRecord, metrics: dict[str, tuple[int, float
     ]
 
 
+def shown_config(cfg: Config) -> str:
+    """The run's config as the card shows it: ``config.yaml``'s sections, less ``distill`` for a model that is no student."""
+    sections = yaml.safe_load(cfg.to_yaml())
+    if cfg.distill.teacher is None:
+        del sections["distill"]
+    return yaml.safe_dump(sections, sort_keys=False).strip()
+
+
 def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, metrics: dict[str, tuple[int, float]],
-                    code: list[str], measured: dict | None = None) -> str:
+                    code: list[str], measured: dict | None = None, figure: bool = False) -> str:
     """The card's Markdown (YAML front matter first); ``code``: the files the folder ships (``shipped_code``);
-    ``measured``: an ``evaluate --out`` JSON, shown as ``measured_section``."""
+    ``measured``: an ``evaluate --out`` JSON, shown as ``measured_section``; ``figure``: the folder ships
+    ``FIGURE_FILE``, shown with the evaluation."""
     cfg = record.config
     unet = pipe.unet.config
     source = data_source(cfg.data.dataset, pipe.class_names)
@@ -344,10 +354,11 @@ def model_card_text(pipe: ConditionalDiffusionPipeline, record: TrainingRecord, 
         f"- Steps: {record.step} optimizer steps, {record.images_seen} images seen (global batch {cfg.train.batch_size})",
         f"- Command: {code_span(record.command)}" if record.command else "- Command: not recorded (exported after the run)",
         "", *repeat_lines(record), "",
-        *fenced(cfg.to_yaml().strip(), "yaml"), "",
+        *fenced(shown_config(cfg), "yaml"), "",
         *([*distillation_lines(cfg, record.step, record.run_dir), ""] if cfg.distill.teacher else []),
         "## Evaluation", "",
         *evaluation_lines(record, metrics, source, unet.num_classes),
+        *(["", f"![quality against training time and images seen]({FIGURE_FILE})"] if figure else []),
     ]
     if measured is not None:
         lines += ["", measured_section(measured, pipe.class_names)]

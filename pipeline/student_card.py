@@ -18,7 +18,8 @@ METHODS = {
                    "one guided teacher step gives the target of the student's consistency function, so `LCMScheduler` "
                    "samples it in 1 to {teacher_steps} steps",
     "segment": "one round of guided progressive distillation (Salimans & Ho 2022, Meng et al. 2023): each step of DDIM's "
-               "{steps}-step grid is trained to land where {per_step} guided teacher DDIM steps land, so `DDIMScheduler` "
+               "{steps}-step grid is trained to land where {per_step} guided teacher DPM-Solver++(2M) steps land, so "
+               "`DDIMScheduler` "
                "samples it in {steps} steps",
 }
 

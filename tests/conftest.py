@@ -51,3 +51,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Path
                              "--train.output_dir", str(out), "--sample.num_inference_steps", "3"])
     assert train(cfg) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """``tiny_run``'s pipeline distilled for 2 steps by ``python -m pipeline.distill`` (segment, 4 DDIM steps): the
+    student run's output directory; its config names the teacher's folder."""
+    from pipeline.distill import main as distill_main
+
+    out = tmp_path_factory.mktemp("tiny-student") / "student"
+    assert distill_main(["--teacher", str(tiny_run / "pipeline"), "--out", str(out), "--train.max_steps", "2",
+                         "--train.batch_size", "8", "--train.sample_every", "none", "--distill.teacher_steps", "8"]) == 0
+    return out

@@ -66,13 +66,18 @@ def test_input_pipeline_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sampling_table(tiny_run: Path, tmp_path: Path) -> None:
+def test_sampling_table(tiny_run: Path, tiny_student: Path, tmp_path: Path) -> None:
+    """The pipeline's rows, then its distilled student's at its own sampler (issue 26): a guided step of the pipeline
+    counts two U-Net evaluations per image, the student's one at any guidance."""
     rows = run_bench(tmp_path, "sampling.py", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "2",
-                     "--schedules", "ddpm:4,dpmsolver++:2", "--guidance", "1,2", "--batch-size", "10")
-    assert [(row[0], row[1], row[2]) for row in rows] == [("ddpm", "4", "1"), ("dpmsolver++", "2", "1"), ("ddpm", "4", "2"),
-                                                         ("dpmsolver++", "2", "2")]
-    assert rows[0][6] == "1.0x" and all(0 <= float(row[7].split(" %")[0]) <= 100 for row in rows)
-    assert all(float(row[5].rstrip("x")) > 0 for row in rows)  # time per image against the model-forward floor
+                     "--schedules", "ddpm:4,dpmsolver++:2", "--guidance", "1,2", "--batch-size", "10",
+                     "--student", str(tiny_student / "pipeline"), "--student-steps", "1,4")
+    assert [tuple(row[:5]) for row in rows] == [
+        ("pipeline", "ddpm", "4", "4", "1"), ("pipeline", "dpmsolver++", "2", "2", "1"), ("student", "ddim", "1", "1", "1"),
+        ("student", "ddim", "4", "4", "1"), ("pipeline", "ddpm", "4", "8", "2"), ("pipeline", "dpmsolver++", "2", "4", "2"),
+        ("student", "ddim", "1", "1", "2"), ("student", "ddim", "4", "4", "2")]
+    assert rows[0][8] == "1.0x" and all(0 <= float(row[9].split(" %")[0]) <= 100 for row in rows)
+    assert all(float(row[7].rstrip("x")) > 0 for row in rows)  # time per image against the model-forward floor
 
 
 def test_sampling_chunk_sweep_against_the_forward_floor(tiny_run: Path, tmp_path: Path) -> None:

@@ -163,6 +163,39 @@ def test_bad_yaml_is_a_clear_error(tmp_path: Path, content: Any, message: str) -
         load_config(path)
 
 
+def test_a_config_builds_on_its_base_key_by_key(tmp_path: Path) -> None:
+    """``base: OTHER.yaml`` (relative to the file; a chain of them): the base's sections underneath, the file's keys
+    replacing the base's one by one; overrides on top. configs/cifar10-cpu-long.yaml is the 90-minute recipe so."""
+    write_yaml(tmp_path / "base.yaml", {"model": {"base_channels": 24, "dropout": 0.1}, "train": {"lr": 1e-3, "max_steps": 10}})
+    (tmp_path / "more").mkdir()
+    write_yaml(tmp_path / "more" / "mid.yaml", {"base": "../base.yaml", "train": {"max_steps": 20}})
+    write_yaml(tmp_path / "top.yaml", {"base": "more/mid.yaml", "model": {"dropout": 0.0}})
+    cfg = load_config(tmp_path / "top.yaml", ["--train.lr", "5e-4"])
+    assert (cfg.model.base_channels, cfg.model.dropout, cfg.train.max_steps, cfg.train.lr) == (24, 0.0, 20, 5e-4)
+    configs = PROJECT_ROOT / "configs"
+    long, short = load_config(configs / "cifar10-cpu-long.yaml"), load_config(configs / "cifar10-cpu.yaml")
+    assert (long.model, long.diffusion, long.data, long.sample) == (short.model, short.diffusion, short.data, short.sample)
+    assert long.train.max_steps > 4 * short.train.max_steps
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"top.yaml": {"base": "absent.yaml"}}, r"config file '.*absent.yaml' not found"),
+        ({"top.yaml": {"base": ["a.yaml"]}}, r"top.yaml: base must name another config file"),
+        ({"top.yaml": {"base": "top.yaml"}}, r"top.yaml: base top.yaml leads back to .*top.yaml"),
+        ({"top.yaml": {"base": "b.yaml"}, "b.yaml": {"base": "top.yaml"}}, r"b.yaml: base top.yaml leads back to"),
+        ({"top.yaml": {"base": "b.yaml"}, "b.yaml": {"train": {"max_step": 5}}}, r"b.yaml: unknown config key 'train.max_step'"),
+    ],
+    ids=["missing", "not-a-path", "itself", "cycle", "bad-key-in-base"],
+)
+def test_a_bad_base_is_a_clear_error(tmp_path: Path, files: dict, message: str) -> None:
+    for name, content in files.items():
+        write_yaml(tmp_path / name, content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "top.yaml")
+
+
 def test_yaml_no_is_the_string_where_a_string_is_expected(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  mixed_precision: no\n  compile: no\n  channels_last: yes\n  max_steps: 5\n")

@@ -21,7 +21,8 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline.demo import MAX_IMAGE_STEPS, MAX_IMAGES, MAX_STEPS, Generator, display_name, page_message
+from pipeline.config import SampleConfig
+from pipeline.demo import MAX_IMAGE_STEPS, MAX_IMAGES, MAX_STEPS, Generator, Model, display_name, page_message
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 STARTUP_S = 240  # a loaded 2-core machine takes long to import gradio, torch and diffusers
@@ -38,6 +39,7 @@ class Demo(NamedTuple):
     url: str
     tmp: Path  # the server's TMPDIR: its own folder of zips and Gradio's cache
     process: subprocess.Popen
+    model: str  # the page's default model (its name on the switch)
 
 
 @contextmanager
@@ -58,7 +60,7 @@ def served_demo(pipeline: Path, folder: Path) -> Iterator[Demo]:
             assert server.poll() is None, f"the demo exited: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"the demo did not start in {STARTUP_S} s: {log.read_text()[-2000:]}"
             time.sleep(0.5)
-        yield Demo(url, tmp, server)
+        yield Demo(url, tmp, server, display_name(pipeline))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -89,31 +91,11 @@ def test_bad_command_line_is_one_clear_line(where: str, message: str, tmp_path: 
     assert result.stderr.startswith(f"error: {message.replace('{tmp}', str(tmp_path))}") and result.stderr.count("\n") == 1
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_generate_in_a_real_browser(demo_url: str, tiny_run: Path, tmp_path: Path) -> None:
-    """Headless Chromium: tick class 7, press Generate, an image appears; a screenshot goes to tmp_path. A bad value
-    then shows only its message, in the page's words, in the status line, with the last result gone; a good request
-    shows only its result. The title names the run, not a path of the machine."""
+@contextmanager
+def chromium():
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver), quit on exit."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    def status_after(**values: str) -> str:
-        """Type each value into the field with that elem_id, press Generate, and wait for the new status (Gradio's
-        progress display inside it hidden again)."""
-        before = browser.find_element(By.ID, "status").text
-        for field, value in values.items():
-            box = browser.find_element(By.CSS_SELECTOR, f"#{field} input, #{field} textarea")
-            box.send_keys(Keys.CONTROL, "a", Keys.DELETE)
-            box.send_keys(value)
-        browser.find_element(By.ID, "generate").click()
-        wait.until(lambda _: browser.find_element(By.ID, "status").text not in ("", before)
-                   and browser.find_elements(By.CSS_SELECTOR, "#status [data-testid='status-tracker'].hide"))
-        return browser.find_element(By.ID, "status").text
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -121,6 +103,46 @@ def test_generate_in_a_real_browser(demo_url: str, tiny_run: Path, tmp_path: Pat
         options.add_argument(argument)
     browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def press_generate(browser, wait) -> str:
+    """Press Generate and wait for the new status line (Gradio's progress display inside it hidden again)."""
+    from selenium.webdriver.common.by import By
+
+    before = browser.find_element(By.ID, "status").text
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda _: browser.find_element(By.ID, "status").text not in ("", before)
+               and browser.find_elements(By.CSS_SELECTOR, "#status [data-testid='status-tracker'].hide"))
+    return browser.find_element(By.ID, "status").text
+
+
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                                            "(.ci/run installs them)")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_generate_in_a_real_browser(demo_url: str, tiny_run: Path, tmp_path: Path) -> None:
+    """Headless Chromium: tick class 7, press Generate, an image appears; a screenshot goes to tmp_path. A bad value
+    then shows only its message, in the page's words, in the status line, with the last result gone; a good request
+    shows only its result. The title names the run, not a path of the machine."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def status_after(**values: str) -> str:
+        """Type each value into the field with that elem_id, press Generate, and wait for the new status."""
+        for field, value in values.items():
+            box = browser.find_element(By.CSS_SELECTOR, f"#{field} input, #{field} textarea")
+            box.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+            box.send_keys(value)
+        return press_generate(browser, wait)
+
+    with chromium() as browser:
         browser.get(demo_url)
         wait = WebDriverWait(browser, GENERATE_S)
         seven = wait.until(expected_conditions.element_to_be_clickable((By.XPATH, "//*[@id='classes']//label[.//span[text()='7']]")))
@@ -131,19 +153,49 @@ def test_generate_in_a_real_browser(demo_url: str, tiny_run: Path, tmp_path: Pat
         status = browser.find_element(By.ID, "status").text
         browser.save_screenshot(str(tmp_path / "demo.png"))
         title, heading = browser.title, browser.find_element(By.TAG_NAME, "h1").text
+        switch_shown = any(element.is_displayed() for element in browser.find_elements(By.ID, "model"))
         bad_steps = status_after(steps="0")
         grids_after_error = browser.find_elements(By.CSS_SELECTOR, "#grid img")
         bad_interval = status_after(steps="2", interval="5,1")
         good = status_after(interval="")
-    finally:
-        browser.quit()
     assert "(0, 7)" in status and "Error" not in status  # class 0 is ticked by default
     assert PIL.Image.open(tmp_path / "demo.png").size[0] > 0
     assert title == heading == f"Class-conditional DDPM: {tiny_run.name}"  # the run's name; the old page showed its path
+    assert not switch_shown  # one model: no switch
     assert bad_steps == "Error: Steps must be a whole number from 1 to 1000, got 0"  # the message alone, in the label's word
     assert not grids_after_error  # the last result's grid is gone with its status
     assert bad_interval.startswith("Error: Guidance interval (lo, hi) needs 0 <= lo < hi") and "guidance_interval" not in bad_interval
     assert re.match(r"\d+ images \(0, 7\) in ", good) and "Error" not in good
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_student_opens_with_a_switch_to_its_teacher(tiny_student: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """Issue 26: the page of a distilled student opens on the student, with a switch to its teacher (its config's
+    distill.teacher). Each model brings its own sampler and steps to the fields, and the status names the model and
+    its U-Net evaluations per image: the student's 4 DDIM steps at one each, the teacher's guided steps at two."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def steps_field() -> str:
+        return browser.find_element(By.CSS_SELECTOR, "#steps input").get_attribute("value")
+
+    with served_demo(tiny_student / "pipeline", tmp_path) as demo, chromium() as browser:
+        browser.get(demo.url)
+        wait = WebDriverWait(browser, GENERATE_S)
+        wait.until(expected_conditions.element_to_be_clickable((By.ID, "generate")))
+        choices = [label.text for label in browser.find_elements(By.CSS_SELECTOR, "#model label")]
+        student_steps, student = steps_field(), press_generate(browser, wait)
+        browser.find_element(By.XPATH, "//*[@id='model']//label[contains(., 'its teacher')]").click()
+        wait.until(lambda _: steps_field() != student_steps)
+        teacher_steps, teacher = steps_field(), press_generate(browser, wait)
+    assert choices == ["student (distilled student)", f"{tiny_run.name} (its teacher)"]
+    assert (student_steps, teacher_steps) == ("4", "3")  # the student's grid; tiny_run's sample.num_inference_steps
+    assert student.startswith("student (distilled student): 4 images (0) in ") and ": ddim, 4 steps" in student
+    assert "4 U-Net evaluations per image" in student
+    assert teacher.startswith(f"{tiny_run.name} (its teacher): 4 images (0) in ") and "3 steps" in teacher
+    assert "6 U-Net evaluations per image" in teacher
 
 
 def test_generate_through_gradio_client(demo_url: str) -> None:
@@ -205,7 +257,7 @@ def test_the_work_of_one_request_is_bounded_and_bad_values_are_messages(demo: De
     assert status.startswith("2 images (0) in ")
     assert zipfile.ZipFile(archive).namelist() == ["000_0.png", "001_0.png"]
     for value in ("Infinity", "NaN"):  # Gradio's own rounding raised OverflowError / ValueError: a bare "Error"
-        events = raw_call(demo.url, f'{{"data": [["3"], 2.0, "dpmsolver++", {value}, 0, 1, "constant", ""]}}')
+        events = raw_call(demo.url, f'{{"data": [["3"], 2.0, "dpmsolver++", {value}, 0, 1, "constant", "", "{demo.model}"]}}')
         assert "event: error" in events and f"Steps must be a whole number from 1 to 1000, got {value.lower()[:3]}" in events
     _, _, _, status = client.predict(["1"], 1.0, "ddim", 2, 1, 1, api_name="/generate")  # still serving
     assert status.startswith("1 images (1)")
@@ -234,7 +286,7 @@ def test_the_page_names_a_pipeline_without_a_path_of_the_machine(tmp_path: Path)
 
 def test_too_many_images_are_refused_before_sampling(tmp_path: Path) -> None:
     """More classes x images than ``MAX_IMAGES`` (a data set of many classes) is a message; nothing is sampled."""
-    generator = Generator(SimpleNamespace(), bf16=False, out_dir=tmp_path)  # a pipe it must not touch
+    generator = Generator({"m": Model(SimpleNamespace(), False, SampleConfig())}, out_dir=tmp_path)  # a pipe it must not touch
     classes = [f"class {i}" for i in range(MAX_IMAGES // 8 + 1)]
     with pytest.raises(ValueError, match=rf"11 classes x 8 images is 88 images, more than one request may ask for \({MAX_IMAGES}\)"):
         generator(classes, 1.0, "ddim", 2, 0, 8)
@@ -244,8 +296,8 @@ def test_zip_names_are_safe_readable_and_unique(tmp_path: Path) -> None:
     """Fashion-MNIST's "T-shirt/top" (a "/" made the zip fail with FileNotFoundError), a path, spaces, an empty or a
     long name: one flat, readable, unique PNG name each, written straight into the zip."""
     names = ["T-shirt/top", "../../etc/passwd", "a b", "", "\u00e9t\u00e9", "x" * 300]
-    generator = Generator(SimpleNamespace(class_names=names), bf16=False, out_dir=tmp_path)
-    archive = generator._archive(torch.rand(7, 1, 4, 4), torch.tensor([0, 0, 1, 2, 3, 4, 5]))
+    generator = Generator({}, out_dir=tmp_path)
+    archive = generator._archive(torch.rand(7, 1, 4, 4), torch.tensor([0, 0, 1, 2, 3, 4, 5]), names)
     with zipfile.ZipFile(archive) as zf:
         assert zf.namelist() == ["000_T-shirt_top.png", "001_T-shirt_top.png", "002_etc_passwd.png", "003_a_b.png",
                                  "004_class.png", "005_\u00e9t\u00e9.png", f"006_{'x' * 48}.png"]
@@ -255,8 +307,8 @@ def test_zip_names_are_safe_readable_and_unique(tmp_path: Path) -> None:
 
 def test_requests_do_not_accumulate_files(tmp_path: Path) -> None:
     """Each request's zip replaces the previous request's folder (Gradio serves its own copy of that one)."""
-    generator = Generator(SimpleNamespace(class_names=["0", "1"]), bf16=False, out_dir=tmp_path)
-    archives = [generator._archive(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])) for _ in range(3)]
+    generator = Generator({}, out_dir=tmp_path)
+    archives = [generator._archive(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), ["0", "1"]) for _ in range(3)]
     assert [path for path in tmp_path.rglob("*") if path.is_file()] == [archives[-1]]
 
 

@@ -19,9 +19,18 @@ from pipeline.checkpointing import list_checkpoints
 from pipeline.config import DiffusionConfig, load_config
 from pipeline.diffusion import make_sampler, make_train_scheduler, predicted_original, student_sampler
 from pipeline.distill import main as distill_main
-from pipeline.distillation import consistency_function, ddim_step, distillation_loss, model_target, noise_coefficients, one_step_x0
+from pipeline.distillation import (
+    consistency_function,
+    ddim_step,
+    distillation_loss,
+    model_target,
+    noise_coefficients,
+    one_step_x0,
+    teacher_solve,
+)
 from pipeline.export import save_export
 from pipeline.guidance import guidance_weights
+from pipeline.models.build import parameter_groups
 from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline, noise_levels
 from tests.conftest import MNIST, REPO, TINY_MODEL
@@ -99,6 +108,26 @@ def test_the_segment_target_makes_one_ddim_step_land_on_the_teachers_endpoint(pr
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_the_segment_teacher_solves_as_the_dpm_solver_it_is_scored_with(prediction: str) -> None:
+    """The teacher's trajectory the segment targets come from: solved from t = T - 1 to the clean end in 20 steps it
+    is the guided 20-step DPM-Solver++ sample of the pipeline (the teacher's bar), not the coarser DDIM one."""
+    teacher = tiny_unet(dropout=0.0)
+    config = make_train_scheduler(DiffusionConfig(prediction_type=prediction)).config
+    ddim = make_sampler("ddim", config)
+    latents, labels = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 4, 9])
+    pipe = ConditionalDiffusionPipeline(unet=teacher, scheduler=make_sampler("dpmsolver++", config))
+    expected = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=20, latents=latents, output_type="latent",
+                    mixed_precision="no").images
+    with torch.no_grad():
+        solved = teacher_solve(teacher, latents, torch.full((3,), 999), torch.full((3,), -1), 20, labels,
+                               torch.full((3,), 3.0), ddim)
+        first_order = teacher_solve(teacher, latents, torch.full((3,), 999), torch.full((3,), -1), 1, labels,
+                                    torch.full((3,), 3.0), ddim)
+    torch.testing.assert_close(solved, expected, atol=2e-4, rtol=2e-4)
+    assert (first_order - expected).abs().max() > 1e-2  # the test can tell solvers apart
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_the_consistency_function_is_lcms_denoised_and_the_identity_at_t_0(prediction: str) -> None:
     """The boundary condition f(x, 0) = x, and at a grid time the student's f is what LCMScheduler's step samples."""
     lcm = make_sampler("lcm", make_train_scheduler(DiffusionConfig(prediction_type=prediction)).config | {"clip_sample": False})
@@ -127,6 +156,22 @@ def test_each_loss_trains_the_guidance_embedding(method: str) -> None:
     assert torch.isfinite(loss) and loss > 0
     assert student.guidance_mlp[-1].weight.grad.abs().sum() > 0
     assert all(parameter.grad is None for parameter in teacher.parameters())
+
+
+def test_the_guidance_embedding_can_learn_at_its_own_rate() -> None:
+    """``distill.embedding_lr_scale``: the zero-initialised embedding in a group of its own at that multiple of
+    train.lr, every other parameter once in the first group at train.lr; one group for a teacher or at scale 1."""
+    student = student_of(tiny_unet())
+    cfg = load_config(None, {"train.lr": 1e-3, "train.max_steps": 1, "distill.teacher": "t", "distill.embedding_lr_scale": 10,
+                             "sample.sampler": "ddim",
+                             "sample.num_inference_steps": 4})
+    rest, embedding = parameter_groups(student, cfg)
+    assert (rest["lr"], embedding["lr"], embedding["lr_scale"]) == (1e-3, pytest.approx(1e-2), 10)
+    assert [id(p) for p in embedding["params"]] == [id(p) for p in student.guidance_mlp.parameters()]
+    assert sorted(map(id, rest["params"] + embedding["params"])) == sorted(map(id, student.parameters()))
+    assert len(parameter_groups(tiny_unet(), cfg)) == 1
+    assert len(parameter_groups(student, load_config(None, {"train.max_steps": 1, "distill.teacher": "t", "sample.sampler": "ddim",
+                                                            "sample.num_inference_steps": 4}))) == 1
 
 
 # --- sampling ---------------------------------------------------------------------------------------------------
@@ -221,10 +266,11 @@ RUN = ["--train.batch_size", "8", "--train.log_every", "1", "--train.checkpoint_
 @pytest.mark.parametrize("method", ["consistency", "segment"])
 def test_a_resumed_distillation_repeats_an_uninterrupted_one_and_exports_a_student(tiny_run: Path, tmp_path: Path,
                                                                                     method: str) -> None:
-    """4 steps at once, and 2 + 2 with ``--resume latest``, give the same weights bit for bit; the export samples
-    with its method's scheduler in one forward per step, and its card names the teacher, method and cost."""
+    """4 steps at once, and 2 + 2 with ``--resume latest``, give the same weights bit for bit (the guidance embedding
+    at its own learning rate across the resume too); the export samples with its method's scheduler in one forward per
+    step, and its card names the teacher, method and cost."""
     teacher = str(tiny_run / "pipeline")
-    flags = [*RUN, "--distill.method", method, "--distill.teacher_steps", "8"]
+    flags = [*RUN, "--distill.method", method, "--distill.teacher_steps", "8", "--distill.embedding_lr_scale", "10"]
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"
     assert distill_main(["--teacher", teacher, "--out", str(whole), *flags, "--train.max_steps", "4"]) == 0
     assert distill_main(["--teacher", teacher, "--out", str(chunked), *flags, "--train.max_steps", "2"]) == 0
@@ -254,18 +300,20 @@ def test_a_4_step_student_of_an_mnist_teacher_is_as_accurate_as_the_teacher(tmp_
     sampling, DPM-Solver++ 20 steps at guidance 3 (40)."""
     from pipeline.evaluation import Evaluator
     from pipeline.sampling import generate
-    from pipeline.train import main as train_main
+
+    def command(*args: str) -> None:  # its own process, as a user runs it (bf16: one Accelerator setting per process)
+        result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     tiny = ["--model.base_channels", "16", "--model.channel_mult", "1,2,2", "--model.layers_per_block", "1",
             "--model.attention_resolutions", "7", "--model.attention_heads", "2", "--train.batch_size", "32",
             "--train.sample_every", "none", "--train.checkpoint_every", "none"]
     run = tmp_path / "teacher"
-    assert train_main(["--config", str(REPO / "configs" / "quickstart-cpu.yaml"), *tiny, "--train.output_dir", str(run),
-                       "--train.max_steps", "300", "--train.warmup_steps", "30"]) == 0
+    command("pipeline/train.py", "--config", "configs/quickstart-cpu.yaml", *tiny, "--train.output_dir", str(run),
+            "--train.max_steps", "300", "--train.warmup_steps", "30")
     student = tmp_path / "student"
-    assert distill_main(["--teacher", str(run / "pipeline"), "--out", str(student), *tiny, "--train.max_steps", "40",
-                         "--train.lr", "1e-4", "--train.lr_schedule", "constant", "--train.warmup_steps", "0",
-                         "--distill.teacher_steps", "8"]) == 0
+    command("-m", "pipeline.distill", "--teacher", str(run / "pipeline"), "--out", str(student), *tiny, "--train.max_steps", "40",
+            "--train.lr", "1e-4", "--train.lr_schedule", "constant", "--train.warmup_steps", "0", "--distill.teacher_steps", "8")
     evaluator = Evaluator(str(REPO / "data" / "mnist"), metrics=("accuracy",))
     accuracy = {}
     for name, folder in (("teacher", run / "pipeline"), ("student", student / "pipeline")):

@@ -26,6 +26,7 @@ from pipeline.models.unet import ConditionalUNet
 from pipeline.pipeline_conditional import PROJECT_UNET, ConditionalDiffusionPipeline
 from pipeline.saving import stored_dtype
 from tests.factories import tiny_unet
+from tests.test_model_card import without_distill
 
 # Loads an export with plain diffusers in a process where this package (and einops, which it once needed)
 # cannot be imported, samples it and saves the images.
@@ -214,7 +215,7 @@ def test_model_card(tiny_run: Path) -> None:
     assert "DPMSolverMultistepScheduler.from_config(pipe.scheduler.config" in body
     assert "Steps: 12 optimizer steps, 192 images seen (global batch 16)" in body
     config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
-    assert config == yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config == without_distill(yaml.safe_load((tiny_run / "config.yaml").read_text()))  # no student: no distill section
     assert "Command: `" in body and "No in-training evaluation" in body
     assert code_sentence(shipped_code(folder)) in body.splitlines()  # the card names the code the folder ships
 
@@ -286,6 +287,26 @@ def test_publish_a_half_precision_copy_with_its_measured_numbers(tiny_run: Path,
     assert "increasing ramp, only at noise levels sigma in (0.3, inf]" in card.split("## Measured")[1]
     assert load_config(tiny_run / "config.yaml").sample.guidance_scale != 1.5
     assert export_main([str(tiny_run), "--half"]) == 2  # --half without --out would rewrite the run's own export
+
+
+def test_publish_ships_a_figure_in_the_cards_evaluation_and_a_rewrite_keeps_it(tiny_run: Path, tmp_path: Path) -> None:
+    """``--figure PNG`` (issue 22: the long run's card shows its curve): copied as curve.png and shown after the
+    evaluation; ``--rewrite-card`` keeps it; a file that is no PNG is one line and exit 2, nothing written."""
+    from pipeline import figures
+
+    picture = figures.loss_curves({"tiny": tiny_run}, tmp_path / "loss.png")
+    out = tmp_path / "published"
+    assert export_main([str(tiny_run), "--out", str(out), "--figure", str(picture)]) == 0
+    assert (out / "curve.png").read_bytes() == picture.read_bytes()
+    card = (out / "README.md").read_text()
+    evaluation = card.split("## Evaluation")[1].split("## License")[0]
+    assert "![quality against training time and images seen](curve.png)" in evaluation
+    assert export_main(["--rewrite-card", str(out)]) == 0
+    assert (out / "README.md").read_text() == card
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert export_main([str(tiny_run), "--out", str(tmp_path / "other"), "--figure", str(tmp_path / "notes.txt")]) == 2
+    assert not (tmp_path / "other").exists()
+    assert export_main([str(tiny_run), "--figure", str(picture)]) == 2  # only a published copy takes one
 
 
 def test_update_code_replaces_only_the_code_of_an_older_export(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,20 @@ def test_loss_curve_from_tensorboard(tiny_run: Path, tmp_path: Path) -> None:  #
         figures.loss_curves({"empty": tmp_path}, tmp_path / "none.png")
 
 
+def test_time_to_fid_draws_the_committed_points(tmp_path: Path) -> None:
+    """Issue 22's figure: FID against minutes and images seen, one line per run, from docs/cifar10-cpu/time-to-fid.csv
+    (any extra columns are for the reader); a file without the columns is one line, exit 2."""
+    points = PROJECT_ROOT / "docs" / "cifar10-cpu" / "time-to-fid.csv"
+    assert figures.main(["time-to-fid", "--points", str(points), "--out", str(tmp_path / "ttf.png")]) == 0
+    assert_picture(tmp_path / "ttf.png")
+    (tmp_path / "bad.csv").write_text("run,minutes,fid\nv1,80,66.7\n")
+    with pytest.raises(ValueError, match=r"bad.csv: needs a header with the columns run, minutes, images, fid .*missing: images"):
+        figures.time_to_fid(tmp_path / "bad.csv", tmp_path / "bad.png")
+    assert figures.main(["time-to-fid", "--points", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad.png")]) == 2
+    with pytest.raises(SystemExit):  # argparse: time-to-fid needs --points
+        figures.main(["time-to-fid", "--out", str(tmp_path / "none.png")])
+
+
 @pytest.mark.parametrize("name", ["mnist", "cifar10-cpu", "cifar10", "datasets"])
 def test_every_set_builds_valid_configs(name: str, tmp_path: Path) -> None:
     study_set = sets.load_set(name)

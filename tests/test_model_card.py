@@ -36,6 +36,11 @@ HOSTILE_DATASET = "evil\n---\n<b>bold</b> ```[x](https://evil.example)"
 HOSTILE_COMMAND = "python pipeline/train.py --data.dataset '``` <img src=x onerror=alert(1)>'"
 
 
+def without_distill(sections: dict) -> dict:
+    """A config's sections as a card of a model that is no distilled student shows them: less ``distill``."""
+    return {name: keys for name, keys in sections.items() if name != "distill"}
+
+
 def test_class_names_data_set_and_command_cannot_inject_markdown_or_html(tmp_path: Path) -> None:
     pipe = ConditionalDiffusionPipeline(unet=tiny_unet(class_names=HOSTILE_NAMES), scheduler=make_train_scheduler(DiffusionConfig()))
     cfg = load_config(overrides={"data.dataset": HOSTILE_DATASET, "train.max_steps": 1})
@@ -59,7 +64,7 @@ def test_class_names_data_set_and_command_cannot_inject_markdown_or_html(tmp_pat
     fences = [token for token in tokens if token.type == "fence"]
     assert [fence.info for fence in fences] == ["python", "yaml"]
     assert "class_labels=['<script>alert(1)</script>', '[click](https://evil.example)']" in fences[0].content
-    assert yaml.safe_load(fences[1].content) == yaml.safe_load(cfg.to_yaml())
+    assert yaml.safe_load(fences[1].content) == without_distill(yaml.safe_load(cfg.to_yaml()))
     spans = [child.content for token in tokens if token.type == "inline" for child in token.children if child.type == "code_inline"]
     assert HOSTILE_COMMAND in spans and " ".join(HOSTILE_DATASET.split("\n")) in spans
 
@@ -191,7 +196,8 @@ def test_a_chunked_run_ships_the_config_it_was_launched_with_and_the_chunk_comma
     assert "The run took 2 starts." in body
     assert ("```bash\npython pipeline/train.py --config config.yaml\npython pipeline/train.py --config config.yaml --resume latest"
             "  # each further chunk\n```") in body
-    assert yaml.safe_load(body.split("```yaml\n")[1].split("```")[0]) == yaml.safe_load((out / "config.yaml").read_text())
+    shown = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
+    assert shown == without_distill(yaml.safe_load((out / "config.yaml").read_text()))
 
     live = load_config(run / "config.yaml")  # a training process's own config is read, never changed
     live.train.output_dir = str(run)

@@ -101,7 +101,8 @@ def test_pretrained_card_states_n_reference_and_the_evaluation_that_was_run() ->
     assert markdown_table(documented["rows"]).strip() in measured and "| model | 5000 | 0.7902 | 2.47 | 81.67 | 66.74 |" in measured
 
     docs = (REPO / "docs" / "cifar10-cpu.md").read_text().replace("\\\n", " ")
-    (ran,) = [line for line in docs.splitlines() if line.startswith("python -m pipeline.evaluation evaluate --pipeline runs/cifar10")]
+    command = "python -m pipeline.evaluation evaluate --pipeline runs/cifar10-cpu/pipeline "
+    (ran,) = [line for line in docs.splitlines() if line.startswith(command)]
     (shown,) = [line for line in measured.splitlines() if line.startswith("python -m pipeline.evaluation evaluate")]
     ran_args, shown_args = (vars(_parser().parse_args(shlex.split(command)[3:])) for command in (ran, shown))
     resolved = {"dataset": documented["dataset"], **dataclasses.asdict(SampleConfig(**documented["sample"]))}

@@ -74,3 +74,17 @@ def load_teacher(cfg: Config, student: ConditionalUNet, noise_scheduler: DDPMSch
         raise ConfigError(f"{where}: its weights do not fit model.* at the data set's shape; distil with the teacher's own "
                           "model section (its config.yaml, as python -m pipeline.distill does)")
     return teacher.requires_grad_(False).eval()
+
+
+def parameter_groups(unet: ConditionalUNet, cfg: Config) -> list[dict]:
+    """AdamW's parameter groups for ``unet``, each with its ``lr`` and ``lr_scale`` (its multiple of ``train.lr``, which
+    ``training.resume.apply_optimisation`` keeps): one group, or for a distilled student the guidance embedding apart
+    at ``distill.embedding_lr_scale``."""
+    embedding = list(unet.guidance_mlp.parameters()) if unet.config.guidance_embedding else []
+    scale = cfg.distill.embedding_lr_scale if embedding else 1.0
+    if scale == 1.0:
+        return [{"params": list(unet.parameters()), "lr": cfg.train.lr, "lr_scale": 1.0}]
+    chosen = {id(parameter) for parameter in embedding}
+    rest = [parameter for parameter in unet.parameters() if id(parameter) not in chosen]
+    return [{"params": rest, "lr": cfg.train.lr, "lr_scale": 1.0},
+            {"params": embedding, "lr": cfg.train.lr * scale, "lr_scale": scale}]

@@ -19,7 +19,7 @@ from pipeline.config import Config, load_config
 from pipeline.data import check_augmentation, cutout_where, flip_where, load_image_data, to_model_range, translate_where, translation_border
 from pipeline.diffusion import diffusion_loss, make_train_scheduler, student_sampler
 from pipeline.distillation import distillation_loss
-from pipeline.models.build import build_unet, load_teacher
+from pipeline.models.build import build_unet, load_teacher, parameter_groups
 from pipeline.models.unet import ConditionalUNet
 from pipeline.run_dir import claim
 from pipeline.training.batches import StepDraws, endless_batches, make_loader
@@ -94,7 +94,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             sampler = student_sampler(cfg.sample, cfg.distill, noise_scheduler.config)
         if cfg.train.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        optimizer = torch.optim.AdamW(parameter_groups(unet, cfg), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                       weight_decay=cfg.train.weight_decay, fused=accelerator.device.type == "cuda")
         steps_per_epoch = len(data) // cfg.train.batch_size  # EpochShuffle deals whole global batches
         max_steps = step_budget(cfg.train, steps_per_epoch)

@@ -42,12 +42,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def apply_optimisation(state: TrainingState, train_cfg: TrainConfig) -> None:
     """Put this start's learning rate, AdamW and EMA settings into the states a checkpoint restored. The LR at the
-    current step is recomputed from the new peak and schedule (the schedule's shape comes from this config)."""
+    current step is recomputed from the new peak and schedule (the schedule's shape comes from this config), times each
+    parameter group's ``lr_scale`` (``models.build.parameter_groups``)."""
     optimizer, ema = state.optimizer, state.ema
     schedule = state.lr_scheduler.scheduler  # accelerate's wrapper around the LambdaLR
-    schedule.base_lrs = [train_cfg.lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
-        group.update(initial_lr=train_cfg.lr, lr=train_cfg.lr * factor(schedule.last_epoch),
+    schedule.base_lrs = [train_cfg.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+        group.update(initial_lr=base, lr=base * factor(schedule.last_epoch),
                      betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay)
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
     ema.decay, ema.use_ema_warmup, ema.power = train_cfg.ema_decay, train_cfg.ema_warmup, train_cfg.ema_power
