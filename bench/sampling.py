@@ -44,6 +44,7 @@ from pipeline.evaluation.metrics import hardware
 from pipeline.pipeline_conditional import sampling_autocast
 from pipeline.sample_flags import pipeline_location
 from pipeline.sampling import generate, sampling_batch, saved_run_config
+from pipeline.student_card import sampling_evaluations
 
 # (sampler, steps): the peer first, then the fast samplers the issue compares
 SCHEDULES = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20), ("dpmsolver++", 10), ("unipc", 10)]
@@ -168,7 +169,7 @@ def main() -> None:
                     samples = generate(model_pipe, args.per_class, sample, seed=0, batch_size=chunk, mixed_precision=precision)
                     per_image = (time.perf_counter() - started) / len(samples)
                     floor = forward_floor(model_pipe, chunk, guidance, precision) * steps
-                    evaluations = steps * (2 if guidance != 1.0 and not model_pipe.unet.config.get("guidance_embedding") else 1)
+                    evaluations = sampling_evaluations(sample, student=model_pipe.unet.config.get("guidance_embedding", False))
                     score = evaluator.score(samples)
                     reference = reference or per_image
                     stderr = math.sqrt(score["accuracy"] * (1 - score["accuracy"]) / score["n"])

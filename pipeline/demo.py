@@ -123,6 +123,7 @@ class Generator:
         import torchvision
 
         from pipeline.sampling import sample_images
+        from pipeline.student_card import sampling_evaluations
 
         chosen = self.model(model)
         classes = list(dict.fromkeys(classes or ()))  # a class asked for twice is sampled once
@@ -147,7 +148,7 @@ class Generator:
         frames = torch.stack([out.intermediates[i][firsts] for i in picks], dim=1).flatten(0, 1)
         strip = _image(torchvision.utils.make_grid(frames, nrow=len(picks), padding=2, pad_value=1.0), self._scale(out.images))
         archive = self._archive(out.images, out.class_labels, chosen.pipe.class_names)
-        evaluations = steps * (1 if chosen.pipe.unet.config.get("guidance_embedding") or settings.guidance_scale == 1 else 2)
+        evaluations = sampling_evaluations(settings, student=chosen.pipe.unet.config.get("guidance_embedding", False))
         which = f"{model or next(iter(self.models))}: " if len(self.models) > 1 else ""
         message = (f"{which}{len(out.images)} images ({', '.join(classes)}) in {seconds:.1f} s: {sampler}, {steps} steps, "
                    f"{settings.guidance_text()}, seed {seed}, {evaluations} U-Net evaluations per image. Reverse process: "
