@@ -25,10 +25,10 @@ import argparse
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.configuration_utils import FrozenDict
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -52,7 +52,8 @@ class PeerUNet(torch.nn.Module):
     def __init__(self, unet: UNet2DModel, class_names: list[str]):
         super().__init__()
         self.unet = unet
-        self.config = SimpleNamespace(**unet.config, num_classes=len(class_names), class_names=class_names, learned_variance=False)
+        # A FrozenDict, as every diffusers model's config is: the pipeline reads it both as attributes and with .get.
+        self.config = FrozenDict(**unet.config, num_classes=len(class_names), class_names=class_names, learned_variance=False)
         self.null_class = len(class_names)
 
     @property
