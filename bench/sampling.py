@@ -169,7 +169,7 @@ def main() -> None:
                     samples = generate(model_pipe, args.per_class, sample, seed=0, batch_size=chunk, mixed_precision=precision)
                     per_image = (time.perf_counter() - started) / len(samples)
                     floor = forward_floor(model_pipe, chunk, guidance, precision) * steps
-                    evaluations = sampling_evaluations(sample, student=model_pipe.unet.config.get("guidance_embedding", False))
+                    evaluations = sampling_evaluations(sample, student=model_pipe.is_student)
                     score = evaluator.score(samples)
                     reference = reference or per_image
                     stderr = math.sqrt(score["accuracy"] * (1 - score["accuracy"]) / score["n"])

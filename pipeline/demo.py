@@ -148,7 +148,7 @@ class Generator:
         frames = torch.stack([out.intermediates[i][firsts] for i in picks], dim=1).flatten(0, 1)
         strip = _image(torchvision.utils.make_grid(frames, nrow=len(picks), padding=2, pad_value=1.0), self._scale(out.images))
         archive = self._archive(out.images, out.class_labels, chosen.pipe.class_names)
-        evaluations = sampling_evaluations(settings, student=chosen.pipe.unet.config.get("guidance_embedding", False))
+        evaluations = sampling_evaluations(settings, student=chosen.pipe.is_student)
         which = f"{model or next(iter(self.models))}: " if len(self.models) > 1 else ""
         message = (f"{which}{len(out.images)} images ({', '.join(classes)}) in {seconds:.1f} s: {sampler}, {steps} steps, "
                    f"{settings.guidance_text()}, seed {seed}, {evaluations} U-Net evaluations per image. Reverse process: "
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opened = load(location)
     models = {display_name(location): opened}
-    if opened.pipe.unet.config.get("guidance_embedding") and (teacher := teacher_of(saved_run_config(location).distill.teacher)):
+    if opened.pipe.is_student and (teacher := teacher_of(saved_run_config(location).distill.teacher)):
         models = {f"{display_name(location)} (distilled student)": opened, f"{display_name(teacher)} (its teacher)": load(teacher)}
     signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="ddpm-demo-") as out_dir:  # removed when the server stops
