@@ -234,7 +234,8 @@ def time_to_fid(points_csv: str | Path, out: str | Path) -> Path:
         ax.set_xlim(0, max(point[axis] for points in runs.values() for point in points) * 1.12)
         ax.grid(alpha=0.3, which="both")
     axes[1].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g} M"))
-    axes[0].legend(fontsize=8, loc="lower left")
+    # below the panels: the runs' points fill both
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8)
     return _save(fig, out)
 
 
