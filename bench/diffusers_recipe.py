@@ -34,11 +34,12 @@ from diffusers.training_utils import EMAModel
 
 from bench.train_throughput import diffusers_unet, matched
 from pipeline import ConditionalDiffusionPipeline, load_config
-from pipeline.config import Config, DataConfig, DiffusionConfig
+from pipeline.config import Config, DiffusionConfig
 from pipeline.data import flip_where, load_image_data, to_model_range
 from pipeline.diffusion import make_train_scheduler
 from pipeline.evaluation.metrics import Evaluator, evaluate, hardware, markdown_table, parse_metrics
 from pipeline.models.build import build_unet
+from pipeline.sample_flags import add_score_flags, score_reference
 
 WARMUP_STEPS = 500
 PEER_DIFFUSION = DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="epsilon")
@@ -154,9 +155,7 @@ def main() -> None:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--skip-training", action="store_true", help="score an existing peer in --output-dir")
     parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--metrics", default="accuracy,cfid")
-    parser.add_argument("--ref-split", default="train")
-    parser.add_argument("--ref-samples", default="10000", help="first N rows of the reference split, or 'all'")
+    add_score_flags(parser)
     parser.add_argument("--json", help="write the result here")
     args, overrides = parser.parse_known_args()
     cfg = load_config(args.config, overrides)
@@ -164,9 +163,7 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if not args.skip_training:
         print(json.dumps(train_peer(cfg, output_dir, args.minutes)))
-    ref_samples = None if args.ref_samples == "all" else int(args.ref_samples)
-    evaluator = Evaluator(cfg.data.dataset, parse_metrics(args.metrics),
-                          reference=DataConfig(dataset=cfg.data.dataset, split=args.ref_split, max_samples=ref_samples))
+    evaluator = Evaluator(cfg.data.dataset, parse_metrics(args.metrics), reference=score_reference(args, cfg.data.dataset))
     result = evaluate(peer_pipeline(output_dir), evaluator, args.per_class, cfg.sample, baselines=False)
     result.update(peer=json.loads((output_dir / "peer.json").read_text()), hardware=hardware())
     print(markdown_table(result["rows"]))

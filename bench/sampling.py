@@ -5,8 +5,10 @@
 
 Every row samples the same class-balanced set (``--per-class`` of each class, same seeds) from one exported
 pipeline and scores it with the committed classifier of its data set (``pipeline.evaluation.Evaluator``:
-conditional accuracy with its binomial standard error, and classifier-feature FID against 10,000 training
-images). Guidance runs the conditional and unconditional halves in one batched forward, so it doubles the
+conditional accuracy with its binomial standard error, and a column per further ``--metrics``, by default
+classifier-feature FID, against ``--ref-split`` / ``--ref-samples``, by default 10,000 training images; ``--metrics
+accuracy,cfid,fid --ref-split test --ref-samples all`` gives Inception FID against the test split, as ``evaluate``
+scores a model). Guidance runs the conditional and unconditional halves in one batched forward, so it doubles the
 batch, not the number of model evaluations (NFE). The first row is the peer every other row is measured
 against: DDPM's ancestral sampler at its 1,000 training steps.
 
@@ -40,9 +42,9 @@ from pipeline.config import SampleConfig
 from pipeline.diffusion import SAMPLERS
 from pipeline.errors import ConfigError
 from pipeline.evaluation import Evaluator
-from pipeline.evaluation.metrics import hardware
+from pipeline.evaluation.metrics import hardware, parse_metrics
 from pipeline.pipeline_conditional import sampling_autocast
-from pipeline.sample_flags import pipeline_location
+from pipeline.sample_flags import add_score_flags, pipeline_location, score_reference
 from pipeline.sampling import generate, sampling_batch, saved_run_config
 from pipeline.student_card import sampling_evaluations
 
@@ -135,11 +137,15 @@ def main() -> None:
     parser.add_argument("--student", help="a distilled student of --pipeline (python -m pipeline.distill): rows for it too, "
                                           "with its own sampler at --student-steps")
     parser.add_argument("--student-steps", default="1,2,4,8", help="the student's step counts")
+    add_score_flags(parser)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     try:
         pipeline_location(args.pipeline)
-    except ConfigError as error:  # no such folder: one line, not the hub client's id check
+        dataset = saved_run_config(args.pipeline).data.dataset
+        metrics = ("accuracy", *(metric for metric in parse_metrics(args.metrics) if metric != "accuracy"))
+        reference = score_reference(args, dataset)
+    except ConfigError as error:  # no such folder, an unknown metric: one line, not the hub client's id check
         parser.exit(2, f"error: {error}\n")
 
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline)
@@ -149,17 +155,17 @@ def main() -> None:
     if args.readme_call:
         return readme_call(pipe, args)
     chunk = args.batch_size or sampling_batch(pipe.device)
-    dataset = saved_run_config(args.pipeline).data.dataset
-    evaluator = Evaluator(dataset, metrics=("accuracy", "cfid"))
+    evaluator = Evaluator(dataset, metrics, reference=reference)
     models = [("pipeline", pipe, [(s.split(":")[0], int(s.split(":")[1])) for s in args.schedules.split(",")])]
     if args.student:
         student = ConditionalDiffusionPipeline.from_pretrained(pipeline_location(args.student))
         models.append(("student", student, [(sampler_name(student), int(n)) for n in args.student_steps.split(",")]))
     print(f"data set {dataset}, chunk {chunk}")
+    distances = metrics[1:]
     print("| model | sampler | steps | U-Net evaluations / image | guidance | precision | s / image | vs floor | speed-up vs first row | "
-          "conditional accuracy | classifier-FID |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows, reference = [], None
+          + " | ".join(["conditional accuracy", *distances]) + " |")
+    print("|---" * (10 + len(distances)) + "|")
+    rows, first_row = [], None
     for guidance in (float(g) for g in args.guidance.split(",")):
         for precision in args.precisions.split(","):
             for model, model_pipe, schedules in models:
@@ -171,14 +177,17 @@ def main() -> None:
                     floor = forward_floor(model_pipe, chunk, guidance, precision) * steps
                     evaluations = sampling_evaluations(sample, student=model_pipe.is_student)
                     score = evaluator.score(samples)
-                    reference = reference or per_image
+                    first_row = first_row or per_image
                     stderr = math.sqrt(score["accuracy"] * (1 - score["accuracy"]) / score["n"])
                     rows.append({"model": model, "sampler": sampler, "steps": steps, "unet_evaluations": evaluations,
                                  "guidance": guidance, "precision": precision, "s_per_image": per_image, "floor_s_per_image": floor,
-                                 "accuracy": score["accuracy"], "accuracy_stderr": stderr, "cfid": score["cfid"], "n": score["n"]})
-                    print(f"| {model} | {sampler} | {steps} | {evaluations} | {guidance:g} | {precision} | {per_image:.4f} | "
-                          f"{per_image / floor:.2f}x | {reference / per_image:.1f}x | "
-                          f"{100 * score['accuracy']:.1f} % ± {100 * stderr:.1f} | {score['cfid']:.2f} |", flush=True)
+                                 "accuracy": score["accuracy"], "accuracy_stderr": stderr, "n": score["n"]}
+                                | {metric: score[metric] for metric in distances})
+                    cells = [model, sampler, steps, evaluations, f"{guidance:g}", precision, f"{per_image:.4f}",
+                             f"{per_image / floor:.2f}x", f"{first_row / per_image:.1f}x",
+                             f"{100 * score['accuracy']:.1f} % ± {100 * stderr:.1f}",
+                             *(f"{score[metric]:.2f}" for metric in distances)]
+                    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

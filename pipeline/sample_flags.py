@@ -5,9 +5,11 @@
 ``python -m pipeline.evaluation evaluate`` and ``python -m pipeline.figures`` take ``--sampler``, ``--steps``,
 ``--guidance``, ``--guidance-interval`` and ``--guidance-ramp`` (``add_sample_flags``, ``flagged_settings``), the
 demo its page's fields (``sample_settings``); every value is decoded as the config's own are (``0.3,5.0``, ``[0.3,
-5.0]`` or ``none`` for the interval) and checked by the one guidance rule before any model is loaded. The command
-lines' numeric flags (the study's too) are checked by ``check_positive``, and every ``--pipeline`` (evaluate, figures,
-the demo, bench/sampling.py) by ``pipeline_location``. Torch-free.
+5.0]`` or ``none`` for the interval) and checked by the one guidance rule before any model is loaded. The commands
+that score samples (evaluate, bench/sampling.py, bench/diffusers_recipe.py) take ``--metrics``, ``--ref-split`` and
+``--ref-samples`` (``add_score_flags``, ``score_reference``). The command lines' numeric flags (the study's too) are
+checked by ``check_positive``, and every ``--pipeline`` (evaluate, figures, the demo, bench/sampling.py) by
+``pipeline_location``. Torch-free.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SampleConfig, decode
+from pipeline.config import DataConfig, SampleConfig, decode
 from pipeline.errors import ConfigError
 from pipeline.guidance import GUIDANCE_RAMPS, check_guidance_settings
-from pipeline.names import SAMPLER_NAMES
+from pipeline.names import METRICS, SAMPLER_NAMES
 
 # command-line flag -> the SampleConfig field it sets (and the argparse dest it is stored under)
 SAMPLE_FLAGS = {
@@ -67,6 +69,23 @@ def add_sample_flags(parser: argparse.ArgumentParser) -> None:
 def flagged_settings(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """``base`` with the sampling flags given on the command line (``add_sample_flags``), by ``sample_settings``."""
     return sample_settings(base, **{field: getattr(args, field) for field in SAMPLE_FLAGS.values()})
+
+
+def add_score_flags(parser: argparse.ArgumentParser, metrics: str = "accuracy,cfid") -> None:
+    """Add ``--metrics`` (default ``metrics``), ``--ref-split`` and ``--ref-samples``: which scores, measured against
+    which real images (``score_reference``)."""
+    described = "; ".join(f"{name}: {metric.help}" for name, metric in METRICS.items())
+    parser.add_argument("--metrics", default=metrics, help=f"comma list of {', '.join(METRICS)} (default {metrics}). {described}")
+    parser.add_argument("--ref-split", default="train", help="split the distances are measured against (default train)")
+    parser.add_argument("--ref-samples", default="10000", help="first N rows of the reference split, or 'all' (default 10000)")
+
+
+def score_reference(args: argparse.Namespace, dataset: str) -> DataConfig:
+    """The reference images ``add_score_flags``' flags name in ``dataset``; ConfigError unless ``--ref-samples`` is a
+    row count >= 1 or ``all``."""
+    if args.ref_samples != "all" and (not args.ref_samples.isdigit() or int(args.ref_samples) < 1):
+        raise ConfigError(f"--ref-samples must be a row count >= 1 or 'all', got {args.ref_samples!r}")
+    return DataConfig(dataset=dataset, split=args.ref_split, max_samples=None if args.ref_samples == "all" else int(args.ref_samples))
 
 
 def check_positive(flags: dict[str, float | None]) -> None:

@@ -68,10 +68,13 @@ def test_input_pipeline_table(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sampling_table(tiny_run: Path, tiny_student: Path, tmp_path: Path) -> None:
     """The pipeline's rows, then its distilled student's at its own sampler (issue 26): a guided step of the pipeline
-    counts two U-Net evaluations per image, the student's one at any guidance."""
+    counts two U-Net evaluations per image, the student's one at any guidance. ``--metrics`` adds a column per distance,
+    against the reference ``--ref-split`` / ``--ref-samples`` name."""
     rows = run_bench(tmp_path, "sampling.py", "--pipeline", str(tiny_run / "pipeline"), "--per-class", "2",
                      "--schedules", "ddpm:4,dpmsolver++:2", "--guidance", "1,2", "--batch-size", "10",
-                     "--student", str(tiny_student / "pipeline"), "--student-steps", "1,4")
+                     "--student", str(tiny_student / "pipeline"), "--student-steps", "1,4",
+                     "--metrics", "cfid,fid", "--ref-split", "test", "--ref-samples", "30")
+    assert all(len(row) == 12 and float(row[10]) > 0 and float(row[11]) > 0 for row in rows)  # classifier-FID, FID
     assert [tuple(row[:5]) for row in rows] == [
         ("pipeline", "ddpm", "4", "4", "1"), ("pipeline", "dpmsolver++", "2", "2", "1"), ("student", "ddim", "1", "1", "1"),
         ("student", "ddim", "4", "4", "1"), ("pipeline", "ddpm", "4", "8", "2"), ("pipeline", "dpmsolver++", "2", "4", "2"),

@@ -24,8 +24,8 @@ from pathlib import Path
 from pipeline.config import DataConfig
 from pipeline.config_decoding import choice_flag
 from pipeline.errors import ConfigError
-from pipeline.names import METRICS, SAMPLING_PRECISIONS
-from pipeline.sample_flags import add_sample_flags, check_positive, flagged_settings, pipeline_location
+from pipeline.names import SAMPLING_PRECISIONS
+from pipeline.sample_flags import add_sample_flags, add_score_flags, check_positive, flagged_settings, pipeline_location, score_reference
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,11 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="data set the model was trained on (default: the config's data.dataset)")
     ev.add_argument("--per-class", type=int, default=100, help="samples per class (default 100)")
     add_sample_flags(ev)
-    metrics = "; ".join(f"{name}: {metric.help}" for name, metric in METRICS.items())
-    ev.add_argument("--metrics", default="accuracy,cfid", help=f"comma list of {', '.join(METRICS)} (default accuracy,cfid). {metrics}")
+    add_score_flags(ev)
     ev.add_argument("--classifier", help="committed name or directory (default: named like the data set)")
-    ev.add_argument("--ref-split", default="train", help="split the distances are measured against (default train)")
-    ev.add_argument("--ref-samples", default="10000", help="first N rows of the reference split, or 'all' (default 10000)")
     ev.add_argument("--real-split", default="test", help="split of the 'real' baseline row (default test)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pure-noise and real-data rows")
     ev.add_argument("--seed", type=int, default=0)
@@ -99,7 +96,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = saved_run_config(args.pipeline, args.config)
     dataset = args.dataset or cfg.data.dataset
     sample = flagged_settings(cfg.sample, args)  # a malformed or invalid flag fails here, before anything is loaded
-    ref_samples = _ref_samples(args.ref_samples)
+    reference = score_reference(args, dataset)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (gloo) when launched without GPUs
     pipe = ConditionalDiffusionPipeline.from_pretrained(args.pipeline).to(state.device) if args.pipeline else None
     if pipe is not None:  # a model without a null class fails now, not after the reference statistics
@@ -108,8 +105,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         except ValueError as error:  # the shipped pipeline's own check (it cannot import ConfigError): bad flags
             raise ConfigError(str(error)) from None
     evaluator = Evaluator(
-        dataset, parse_metrics(args.metrics), args.classifier, DataConfig(dataset=dataset, split=args.ref_split, max_samples=ref_samples),
-        device=state.device,
+        dataset, parse_metrics(args.metrics), args.classifier, reference, device=state.device,
     )
     if pipe is not None and evaluator.classifier is not None and pipe.class_names != evaluator.classifier.config.class_names:
         raise ConfigError(f"the pipeline's classes {pipe.class_names} differ from the classifier's "
@@ -130,15 +126,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         out.with_suffix(".md").write_text(table + notes)
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
-
-
-def _ref_samples(text: str) -> int | None:
-    """``--ref-samples``: a row count >= 1, or ``all`` (None)."""
-    if text == "all":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"--ref-samples must be a row count >= 1 or 'all', got {text!r}")
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

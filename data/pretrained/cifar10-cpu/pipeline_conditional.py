@@ -200,15 +200,21 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                     "use variance_type='learned_range', not 'learned'"
                 )
 
+    @property
+    def is_student(self) -> bool:
+        """Whether the U-Net is a distilled student (``unet.config.guidance_embedding``): it takes the guidance scale as
+        an input, one forward per step at any scale, where a guided teacher runs two."""
+        return bool(self.unet.config.get("guidance_embedding", False))
+
     def predict_noise(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """The guided model output at one step, in float32; cond and null share one batched forward, and a distilled
-        student (``unet.config.guidance_embedding``) takes the scale as an input: one forward of B rows.
+        student (``is_student``) takes the scale as an input: one forward of B rows.
 
         (B, C, H, W), scalar t, (B,) labels -> (B, C, H, W), or (B, 2C, H, W) with a learned variance
         (the variance channels taken from the conditional half, as in GLIDE).
         """
         sample = sample.to(self.unet.dtype)
-        if self.unet.config.get("guidance_embedding", False):
+        if self.is_student:
             return self.unet(sample, t, labels, guidance=torch.full((len(sample),), guidance_scale, device=sample.device)).sample.float()
         if guidance_scale == 1.0:
             return self.unet(sample, t, labels).sample.float()
