@@ -71,11 +71,12 @@ def flagged_settings(base: SampleConfig, args: argparse.Namespace) -> SampleConf
     return sample_settings(base, **{field: getattr(args, field) for field in SAMPLE_FLAGS.values()})
 
 
-def add_score_flags(parser: argparse.ArgumentParser, metrics: str = "accuracy,cfid") -> None:
-    """Add ``--metrics`` (default ``metrics``), ``--ref-split`` and ``--ref-samples``: which scores, measured against
-    which real images (``score_reference``)."""
+def add_score_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--metrics``, ``--ref-split`` and ``--ref-samples``: which scores, measured against which real images
+    (``score_reference``)."""
     described = "; ".join(f"{name}: {metric.help}" for name, metric in METRICS.items())
-    parser.add_argument("--metrics", default=metrics, help=f"comma list of {', '.join(METRICS)} (default {metrics}). {described}")
+    parser.add_argument("--metrics", default="accuracy,cfid",
+                        help=f"comma list of {', '.join(METRICS)} (default accuracy,cfid). {described}")
     parser.add_argument("--ref-split", default="train", help="split the distances are measured against (default train)")
     parser.add_argument("--ref-samples", default="10000", help="first N rows of the reference split, or 'all' (default 10000)")
 
