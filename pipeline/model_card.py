@@ -18,6 +18,7 @@ import json
 import math
 import shlex
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,14 +54,16 @@ def in_training_reference(data: DataConfig) -> DataConfig:
 def launched(config: Config, run_dir: Path) -> tuple[Config, int | None]:
     """(``config`` as the run was launched, how many starts the run directory records; None if it records none).
 
-    A resumed start may carry its own ``train.max_minutes`` (the time left in an allocation, say): the latest start's
-    ``config.yaml`` then holds that leftover. The copy returned takes ``max_minutes`` from the first start, the limit
-    each chunk was launched with; with exact resume the weights do not depend on where the chunks ended."""
+    A start may carry its own ``train.max_minutes`` (the time left in an allocation or a working session, say): the
+    latest start's ``config.yaml`` then holds that leftover, and the first start's may be one too. The copy returned
+    takes the ``max_minutes`` most starts were launched with (on a tie, the earliest of them): the chunk length that
+    repeats the run; with exact resume the weights do not depend on where the chunks ended."""
     starts = sorted(run_dir.glob(START_CONFIGS))
     config = copy.deepcopy(config)  # the training process's own config is never changed
-    if starts:
-        first = yaml.safe_load(starts[0].read_text()) or {}
-        config.train.max_minutes = (first.get("train") or {}).get("max_minutes", config.train.max_minutes)
+    limits = [((yaml.safe_load(start.read_text()) or {}).get("train") or {}).get("max_minutes", config.train.max_minutes)
+              for start in starts]
+    if limits:
+        config.train.max_minutes = Counter(limits).most_common(1)[0][0]  # ties keep first-seen order
     return config, len(starts) or None
 
 

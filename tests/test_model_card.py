@@ -22,7 +22,7 @@ import yaml
 from pipeline.config import DiffusionConfig, SampleConfig, load_config
 from pipeline.diffusion import make_train_scheduler
 from pipeline.export import main as export_main
-from pipeline.model_card import LICENSE, TrainingRecord, evaluation_command, in_training_reference, model_card_text
+from pipeline.model_card import LICENSE, TrainingRecord, evaluation_command, in_training_reference, launched, model_card_text
 from pipeline.names import HUB_DATASETS, PROJECT_ROOT
 from pipeline.pipeline_conditional import ConditionalDiffusionPipeline
 from pipeline.run_dir import save_start_config
@@ -186,8 +186,8 @@ def chunked_publication(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_a_chunked_run_ships_the_config_it_was_launched_with_and_the_chunk_command(chunked_publication: tuple[Path, Path, Path]) -> None:
-    """The shipped config.yaml carries each chunk's train.max_minutes (the first start's), not the last chunk's leftover,
-    and the card says the run was chunked and gives the chunk command that repeats it with that config."""
+    """The shipped config.yaml carries each chunk's train.max_minutes (here a tie of one start each, so the first's), not
+    the last chunk's leftover, and the card says the run was chunked and gives the chunk command that repeats it."""
     run, _, out = chunked_publication
     assert load_config(run / "config.yaml").train.max_minutes == 0.5  # the resumed process's config
     assert load_config(out / "config.yaml").train.max_minutes == 30.0
@@ -203,6 +203,17 @@ def test_a_chunked_run_ships_the_config_it_was_launched_with_and_the_chunk_comma
     live.train.output_dir = str(run)
     record = TrainingRecord.of_this_process(live, 12, 192)
     assert record.config.train.max_minutes == 30.0 and record.starts == 2 and live.train.max_minutes == 0.5
+
+
+def test_the_chunk_length_shipped_is_the_one_most_starts_were_launched_with(tmp_path: Path) -> None:
+    """A run whose first start was cut short (11 minutes left in a working session), then chunks of 30 and a last start
+    of 9: the card's chunk length is 30, which the first start's 11 was not (the long CIFAR-10 run's own history)."""
+    cfg = load_config(PROJECT_ROOT / "configs" / "cifar10-cpu-long.yaml")
+    for step, minutes in enumerate([11.0, 30.0, 30.0, 9.0]):
+        cfg.train.max_minutes = minutes
+        save_start_config(cfg, tmp_path, step * 100)
+    config, starts = launched(cfg, tmp_path)
+    assert config.train.max_minutes == 30.0 and starts == 4 and cfg.train.max_minutes == 9.0
 
 
 def test_the_measured_section_gives_the_exact_evaluate_command(chunked_publication: tuple[Path, Path, Path]) -> None:
